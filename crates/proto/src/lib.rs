@@ -1,0 +1,325 @@
+//! Wire and API types shared by the node agent, the control plane and the edge.
+//!
+//! Everything here is plain data: JSON bodies of the REST API under `/api/v1`,
+//! and the messages of the long-lived control stream between a node and the
+//! control plane. No IO, no clock.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use utoipa::ToSchema;
+
+/// The block every account's overlay addresses come from (RFC 6598 shared space).
+pub const OVERLAY_SPACE: &str = "100.64.0.0/10";
+
+/// Default WireGuard tunnel MTU: a 1500-byte underlay minus IPv6 + UDP + WireGuard overhead.
+pub const DEFAULT_MTU: u16 = 1420;
+
+/// A node's WireGuard (X25519) public key. The private half never leaves the node.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ToSchema)]
+#[schema(value_type = String, example = "q1n1Yp7v9mX4x3cQ2b0p0m4n1Yp7v9mX4x3cQ2b0p0k=")]
+pub struct NodeKey(pub [u8; 32]);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("not a WireGuard public key: expected 32 bytes in standard base64 (44 characters)")]
+pub struct BadKey;
+
+impl FromStr for NodeKey {
+    type Err = BadKey;
+    fn from_str(s: &str) -> Result<Self, BadKey> {
+        let bytes = B64.decode(s.trim()).map_err(|_| BadKey)?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| BadKey)?;
+        Ok(NodeKey(arr))
+    }
+}
+
+impl fmt::Display for NodeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&B64.encode(self.0))
+    }
+}
+
+impl fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Public keys are not secret, but a short form keeps logs readable.
+        let s = B64.encode(self.0);
+        write!(f, "NodeKey({}…)", &s[..8])
+    }
+}
+
+impl Serialize for NodeKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Error body of every failed API call.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApiError {
+    /// A sentence a person can act on.
+    pub error: String,
+}
+
+/// Checks a node or account name: a DNS label, lower-case letters, digits and
+/// dashes, 1–63 characters, not starting or ending with a dash.
+pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if name.is_empty()
+        || name.len() > 63
+        || !ok_chars
+        || name.starts_with('-')
+        || name.ends_with('-')
+    {
+        return Err(format!(
+            "invalid {kind} name {name:?}: use 1-63 lower-case letters, digits and dashes, not starting or ending with a dash"
+        ));
+    }
+    Ok(())
+}
+
+/// Turns a hostname into a valid node name ("My_Laptop.local" → "my-laptop").
+pub fn sanitize_name(raw: &str) -> String {
+    let first = raw.split('.').next().unwrap_or("");
+    let mut out = String::new();
+    for c in first.chars() {
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            out.push(c);
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    let out = out.trim_matches('-');
+    let mut out: String = out.chars().take(63).collect();
+    while out.ends_with('-') {
+        out.pop();
+    }
+    if out.is_empty() {
+        "node".to_string()
+    } else {
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Admin API
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateAccountRequest {
+    pub name: String,
+    /// The account's overlay block inside 100.64.0.0/10. Chosen for you when absent.
+    /// Blocks of different accounts may overlap: accounts never see each other.
+    #[schema(value_type = Option<String>, example = "100.65.0.0/16")]
+    #[serde(default)]
+    pub cidr: Option<Ipv4Net>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AccountInfo {
+    pub name: String,
+    #[schema(value_type = String, example = "100.64.0.0/16")]
+    pub cidr: Ipv4Net,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateAccountResponse {
+    pub account: AccountInfo,
+    /// Admin API key of the new account. Shown once; the server keeps only its hash.
+    pub api_key: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct CreateTokenRequest {
+    /// A reusable token enrolls any number of nodes until it expires.
+    #[serde(default)]
+    pub reusable: bool,
+    /// Lifetime in seconds; default 3600.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// Tags given to every node that enrolls with this token.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateTokenResponse {
+    /// The join token. Shown once; the server keeps only its hash.
+    pub token: String,
+    pub account: String,
+    pub reusable: bool,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NodeInfo {
+    pub id: i64,
+    pub name: String,
+    pub account: String,
+    #[schema(value_type = String, example = "100.64.0.2")]
+    pub ip: Ipv4Addr,
+    pub public_key: NodeKey,
+    /// True while the node holds its control stream open.
+    pub online: bool,
+    /// Unix seconds of the last moment the node was connected.
+    pub last_seen: Option<i64>,
+    pub created_at: i64,
+    pub os: String,
+    pub version: String,
+    pub tags: Vec<String>,
+    /// Underlay endpoints the node was last seen on.
+    #[schema(value_type = Vec<String>)]
+    pub endpoints: Vec<SocketAddr>,
+}
+
+// ---------------------------------------------------------------------------
+// Enrollment
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EnrollRequest {
+    pub token: String,
+    /// The node's X25519 public key, generated on the node.
+    pub public_key: NodeKey,
+    /// Wanted node name; made unique within the account if taken.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub hostname: String,
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EnrollResponse {
+    pub node_id: i64,
+    pub name: String,
+    pub account: String,
+    #[schema(value_type = String)]
+    pub ip: Ipv4Addr,
+    /// The account's overlay block: routed into the tunnel interface.
+    #[schema(value_type = String)]
+    pub cidr: Ipv4Net,
+    /// Credential of this node for the control stream. Shown once; stored hashed.
+    pub node_secret: String,
+}
+
+// ---------------------------------------------------------------------------
+// Control stream (WebSocket at /api/v1/node/stream, `Authorization: Bearer <node_secret>`)
+// ---------------------------------------------------------------------------
+
+/// What the node tells the control plane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum NodeMessage {
+    /// First message on every connection, and again whenever it changes.
+    Hello {
+        /// UDP port the node's WireGuard socket listens on.
+        listen_port: u16,
+        /// The node's own interface addresses (candidates for direct paths).
+        local_addrs: Vec<IpAddr>,
+        os: String,
+        version: String,
+    },
+}
+
+/// What the control plane tells a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// The whole network map; sent first on every connection.
+    Map(NetworkMap),
+    /// Only what changed since the last message on this connection.
+    Delta {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        self_node: Option<SelfNode>,
+        #[serde(default)]
+        upsert: Vec<Peer>,
+        #[serde(default)]
+        remove: Vec<NodeKey>,
+    },
+    /// The node was removed by an admin: it must stop and not reconnect.
+    Removed { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelfNode {
+    pub id: i64,
+    pub name: String,
+    pub account: String,
+    pub ip: Ipv4Addr,
+    pub cidr: Ipv4Net,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkMap {
+    pub self_node: SelfNode,
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub id: i64,
+    pub name: String,
+    pub public_key: NodeKey,
+    pub ip: Ipv4Addr,
+    /// Overlay prefixes this peer may send from and is routed to.
+    pub allowed_ips: Vec<Ipv4Net>,
+    /// Underlay candidates, best first.
+    pub endpoints: Vec<SocketAddr>,
+    pub online: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_round_trips_and_rejects_garbage() {
+        let k = NodeKey([7u8; 32]);
+        let s = k.to_string();
+        assert_eq!(s.len(), 44);
+        assert_eq!(s.parse::<NodeKey>().unwrap(), k);
+        assert_eq!("abc".parse::<NodeKey>(), Err(BadKey));
+        assert_eq!("!!!!".parse::<NodeKey>(), Err(BadKey));
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("node", "db-1").is_ok());
+        assert!(validate_name("node", "").is_err());
+        assert!(validate_name("node", "-a").is_err());
+        assert!(validate_name("node", "Caps").is_err());
+        assert!(validate_name("node", &"a".repeat(64)).is_err());
+        assert_eq!(sanitize_name("My_Laptop.local"), "my-laptop");
+        assert_eq!(sanitize_name("___"), "node");
+    }
+
+    #[test]
+    fn server_message_json_shape() {
+        let m = ServerMessage::Removed { reason: "x".into() };
+        let j = serde_json::to_string(&m).unwrap();
+        assert_eq!(j, r#"{"type":"removed","reason":"x"}"#);
+        let back: ServerMessage = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, m);
+    }
+}
