@@ -1,0 +1,475 @@
+//! The data plane's IO shell: a TUN device and a UDP socket, and the threads
+//! that move packets between them through the sans-IO [`Tunnel`] core.
+//!
+//! Three threads: TUN → encrypt → UDP, UDP → decrypt → TUN, and a timer tick.
+//! Each wakes on readiness, drains a whole batch, takes the core's lock once
+//! per batch, and writes its outputs after releasing it. Buffers are allocated
+//! once at start; the UDP side uses `quinn-udp` for recvmmsg/GRO and GSO so
+//! that a batch costs few syscalls.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use trellis_tunnel::{Action, Tunnel, MIN_BUFFER};
+use tun_rs::{DeviceBuilder, SyncDevice};
+
+/// Packets read from the TUN device per batch.
+const TUN_BATCH: usize = 64;
+/// A GSO batch must stay at or under 64 KiB, or the kernel refuses all of it.
+const MAX_GSO_BYTES: usize = 65_000;
+/// How often the threads look at the stop flag when idle.
+const IDLE_POLL_MS: i32 = 200;
+const TIMER_TICK: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone)]
+pub struct DataPlaneConfig {
+    /// Name of the TUN interface, e.g. `trellis0`.
+    pub ifname: String,
+    pub address: Ipv4Addr,
+    /// Prefix length of the account's block: the route for the whole block goes into the tunnel.
+    pub prefix_len: u8,
+    pub mtu: u16,
+    /// UDP port for WireGuard; 0 picks a free one.
+    pub listen_port: u16,
+}
+
+/// Counters of what the shell dropped, for status and debugging.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub tun_rx_packets: AtomicU64,
+    pub udp_rx_datagrams: AtomicU64,
+    pub dropped: AtomicU64,
+    pub send_errors: AtomicU64,
+}
+
+struct Shared {
+    tunnel: Mutex<Tunnel>,
+    tun: SyncDevice,
+    udp: UdpSocket,
+    udp_state: UdpSocketState,
+    stop: AtomicBool,
+    counters: Counters,
+    mtu: usize,
+}
+
+/// A running data plane. Dropping it (or [`DataPlane::stop`]) stops the
+/// threads and removes the TUN interface.
+pub struct DataPlane {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    listen_port: u16,
+}
+
+impl DataPlane {
+    pub fn start(config: &DataPlaneConfig, tunnel: Tunnel) -> anyhow::Result<DataPlane> {
+        let tun = DeviceBuilder::new()
+            .name(&config.ifname)
+            .ipv4(config.address, config.prefix_len, None)
+            .mtu(config.mtu)
+            .build_sync()
+            .with_context(|| {
+                format!(
+                    "cannot create TUN interface {} (needs root or CAP_NET_ADMIN and /dev/net/tun)",
+                    config.ifname
+                )
+            })?;
+        tun.set_nonblocking(true)
+            .context("setting the TUN device non-blocking")?;
+
+        let udp = bind_udp(config.listen_port)?;
+        let listen_port = udp.local_addr()?.port();
+        let udp_state =
+            UdpSocketState::new(UdpSockRef::from(&udp)).context("configuring the UDP socket")?;
+        // Large socket buffers absorb bursts while a thread holds the core's lock.
+        let _ = udp_state.set_recv_buffer_size(UdpSockRef::from(&udp), 4 << 20);
+        let _ = udp_state.set_send_buffer_size(UdpSockRef::from(&udp), 4 << 20);
+
+        let shared = Arc::new(Shared {
+            tunnel: Mutex::new(tunnel),
+            tun,
+            udp,
+            udp_state,
+            stop: AtomicBool::new(false),
+            counters: Counters::default(),
+            mtu: config.mtu as usize,
+        });
+        let mut threads = Vec::new();
+        for (name, f) in [
+            ("trellis-tun", tun_loop as fn(&Shared)),
+            ("trellis-udp", udp_loop),
+            ("trellis-timers", timer_loop),
+        ] {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || f(&s))
+                    .context("spawning a data-plane thread")?,
+            );
+        }
+        tracing::info!(
+            ifname = %config.ifname,
+            address = %config.address,
+            listen_port,
+            "data plane up"
+        );
+        Ok(DataPlane {
+            shared,
+            threads,
+            listen_port,
+        })
+    }
+
+    pub fn listen_port(&self) -> u16 {
+        self.listen_port
+    }
+
+    /// The tunnel core, for peer updates and status. Hold the lock briefly:
+    /// the packet threads wait on it.
+    pub fn tunnel(&self) -> MutexGuard<'_, Tunnel> {
+        lock(&self.shared.tunnel)
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn lock(m: &Mutex<Tunnel>) -> MutexGuard<'_, Tunnel> {
+    // A panic in another data-plane thread must not take the node down with a
+    // poisoned lock: the tunnel state itself stays consistent per call.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn bind_udp(port: u16) -> anyhow::Result<UdpSocket> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    sock.set_nonblocking(true)?;
+    let addr: SocketAddr = (Ipv4Addr::UNSPECIFIED, port).into();
+    match sock.bind(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if port != 0 && e.kind() == io::ErrorKind::AddrInUse => {
+            tracing::warn!(port, "UDP port in use; picking another");
+            sock.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("binding UDP port {port}")),
+    }
+    Ok(sock.into())
+}
+
+/// Waits until `fd` is readable (or writable), or the idle timeout passes.
+fn wait_fd(fd: RawFd, events: i16, timeout_ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    n > 0 && pfd.revents != 0
+}
+
+/// One datagram (or a GSO run of equal-size datagrams) to send: bytes in the
+/// batch buffer at `offset..offset+len`.
+#[derive(Clone, Copy)]
+struct Out {
+    to: SocketAddr,
+    offset: usize,
+    len: usize,
+}
+
+/// Sends `outs` from `buf`, merging runs that share a destination, lie end to
+/// end, and have equal sizes (the last may be shorter) into GSO sends.
+fn send_all(s: &Shared, buf: &[u8], outs: &[Out]) {
+    let max_segments = s.udp_state.max_gso_segments().max(1);
+    let mut i = 0;
+    while i < outs.len() {
+        let first = outs[i];
+        let mut j = i + 1;
+        let mut end = first.offset + first.len;
+        while j < outs.len()
+            && j - i < max_segments
+            && outs[j].to == first.to
+            && outs[j].offset == end
+            && outs[j].len <= first.len
+            && outs[j - 1].len == first.len
+            && end + outs[j].len - first.offset <= MAX_GSO_BYTES
+        {
+            end += outs[j].len;
+            j += 1;
+        }
+        let transmit = Transmit {
+            destination: first.to,
+            ecn: None,
+            contents: &buf[first.offset..end],
+            segment_size: (j - i > 1).then_some(first.len),
+            src_ip: None,
+        };
+        send_one(s, &transmit);
+        i = j;
+    }
+}
+
+fn send_one(s: &Shared, t: &Transmit<'_>) {
+    for _ in 0..50 {
+        match s.udp_state.try_send(UdpSockRef::from(&s.udp), t) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                wait_fd(s.udp.as_raw_fd(), libc::POLLOUT, 10);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                s.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "UDP send failed");
+                return;
+            }
+        }
+    }
+    s.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+}
+
+/// TUN → encrypt → UDP.
+fn tun_loop(s: &Shared) {
+    let slot = s.mtu + 64;
+    let mut packets = vec![0u8; TUN_BATCH * slot];
+    let mut lens = [0usize; TUN_BATCH];
+    let out_slot = slot + trellis_tunnel::DATA_OVERHEAD + MIN_BUFFER;
+    let mut out = vec![0u8; TUN_BATCH * out_slot];
+    let mut outs: Vec<Out> = Vec::with_capacity(TUN_BATCH);
+    let fd = s.tun.as_raw_fd();
+    while !s.stop.load(Ordering::Relaxed) {
+        if !wait_fd(fd, libc::POLLIN, IDLE_POLL_MS) {
+            continue;
+        }
+        let mut n = 0;
+        while n < TUN_BATCH {
+            match s.tun.recv(&mut packets[n * slot..(n + 1) * slot]) {
+                Ok(len) => {
+                    lens[n] = len;
+                    n += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the TUN device failed");
+                    std::thread::sleep(Duration::from_millis(50));
+                    break;
+                }
+            }
+        }
+        if n == 0 {
+            continue;
+        }
+        s.counters
+            .tun_rx_packets
+            .fetch_add(n as u64, Ordering::Relaxed);
+        outs.clear();
+        let mut cursor = 0;
+        {
+            let now = Instant::now();
+            let mut tunnel = lock(&s.tunnel);
+            for (k, len) in lens.iter().enumerate().take(n) {
+                let packet = &packets[k * slot..k * slot + len];
+                match tunnel.handle_tun_packet(now, packet, &mut out[cursor..]) {
+                    Action::Send { to, offset, len } => {
+                        outs.push(Out {
+                            to,
+                            offset: cursor + offset,
+                            len,
+                        });
+                        cursor += offset + len;
+                    }
+                    Action::Drop(reason) => {
+                        s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::trace!(%reason, "outbound packet dropped");
+                    }
+                    Action::None | Action::Deliver { .. } => {}
+                }
+            }
+        }
+        send_all(s, &out, &outs);
+    }
+}
+
+/// UDP → decrypt → TUN.
+fn udp_loop(s: &Shared) {
+    let batch = quinn_udp::BATCH_SIZE.min(32);
+    let seg_buf = 65_536;
+    let mut recv_buf = vec![0u8; batch * seg_buf];
+    let mut meta = vec![RecvMeta::default(); batch];
+    // Plaintext is never longer than its ciphertext.
+    let mut plain = vec![0u8; batch * seg_buf + MIN_BUFFER];
+    let mut delivered: Vec<(usize, usize)> = Vec::with_capacity(batch * 64);
+    let mut ctrl = vec![0u8; 64 * 2048];
+    let mut ctrl_outs: Vec<Out> = Vec::with_capacity(64);
+    let fd = s.udp.as_raw_fd();
+    while !s.stop.load(Ordering::Relaxed) {
+        if !wait_fd(fd, libc::POLLIN, IDLE_POLL_MS) {
+            continue;
+        }
+        loop {
+            let n = {
+                let mut slices: Vec<io::IoSliceMut<'_>> = recv_buf
+                    .chunks_mut(seg_buf)
+                    .map(io::IoSliceMut::new)
+                    .collect();
+                match s
+                    .udp_state
+                    .recv(UdpSockRef::from(&s.udp), &mut slices, &mut meta)
+                {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        // ICMP errors from earlier sends surface here; they are not fatal.
+                        tracing::debug!(error = %e, "UDP receive error");
+                        continue;
+                    }
+                }
+            };
+            delivered.clear();
+            ctrl_outs.clear();
+            let mut pcur = 0;
+            let mut ccur = 0;
+            {
+                let now = Instant::now();
+                let mut tunnel = lock(&s.tunnel);
+                for (i, m) in meta.iter().enumerate().take(n) {
+                    let data = &recv_buf[i * seg_buf..i * seg_buf + m.len];
+                    let stride = if m.stride == 0 {
+                        m.len.max(1)
+                    } else {
+                        m.stride
+                    };
+                    for datagram in data.chunks(stride) {
+                        s.counters.udp_rx_datagrams.fetch_add(1, Ordering::Relaxed);
+                        match tunnel.handle_datagram(now, m.addr, datagram, &mut plain[pcur..]) {
+                            Action::Deliver { offset, len } => {
+                                delivered.push((pcur + offset, len));
+                                pcur += offset + len;
+                            }
+                            Action::Send { to, offset, len } => {
+                                push_ctrl(
+                                    &mut ctrl,
+                                    &mut ccur,
+                                    &mut ctrl_outs,
+                                    to,
+                                    &plain[pcur + offset..pcur + offset + len],
+                                );
+                                let mut scratch = [0u8; 2048];
+                                loop {
+                                    match tunnel.poll_flush(&mut scratch) {
+                                        Action::Send { to, offset, len } => push_ctrl(
+                                            &mut ctrl,
+                                            &mut ccur,
+                                            &mut ctrl_outs,
+                                            to,
+                                            &scratch[offset..offset + len],
+                                        ),
+                                        Action::None => break,
+                                        _ => {}
+                                    }
+                                }
+                            }
+                            Action::Drop(reason) => {
+                                s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                                tracing::trace!(%reason, "inbound datagram dropped");
+                            }
+                            Action::None => {}
+                        }
+                    }
+                }
+            }
+            for &(off, len) in &delivered {
+                write_tun(s, &plain[off..off + len]);
+            }
+            send_all(s, &ctrl, &ctrl_outs);
+            if n < batch {
+                break;
+            }
+        }
+    }
+}
+
+/// Keeps a handshake reply or a flushed packet for sending after the lock is released.
+fn push_ctrl(
+    buf: &mut [u8],
+    cursor: &mut usize,
+    outs: &mut Vec<Out>,
+    to: SocketAddr,
+    bytes: &[u8],
+) {
+    if *cursor + bytes.len() > buf.len() {
+        tracing::debug!("control send buffer full; dropping a packet");
+        return;
+    }
+    buf[*cursor..*cursor + bytes.len()].copy_from_slice(bytes);
+    outs.push(Out {
+        to,
+        offset: *cursor,
+        len: bytes.len(),
+    });
+    *cursor += bytes.len();
+}
+
+fn write_tun(s: &Shared, packet: &[u8]) {
+    for _ in 0..50 {
+        match s.tun.send(packet) {
+            Ok(_) => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                wait_fd(s.tun.as_raw_fd(), libc::POLLOUT, 10);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "writing to the TUN device failed");
+                s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
+fn timer_loop(s: &Shared) {
+    let mut out = vec![0u8; 2048];
+    let mut buf = vec![0u8; 256 * 160];
+    let mut outs: Vec<Out> = Vec::new();
+    while !s.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(TIMER_TICK);
+        outs.clear();
+        let mut cursor = 0;
+        {
+            let mut tunnel = lock(&s.tunnel);
+            tunnel.poll_timers(Instant::now(), &mut out, |to, bytes| {
+                push_ctrl(&mut buf, &mut cursor, &mut outs, to, bytes);
+            });
+        }
+        send_all(s, &buf, &outs);
+    }
+}

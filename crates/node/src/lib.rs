@@ -1,0 +1,631 @@
+//! The node agent: enrollment, the control-stream client that keeps the
+//! network map current, the data plane, and the local status socket.
+
+pub mod state;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+use trellis_io::{DataPlane, DataPlaneConfig};
+use trellis_proto::{
+    ApiError, EnrollRequest, EnrollResponse, NetworkMap, NodeKey, NodeMessage, Peer, ServerMessage,
+    DEFAULT_MTU,
+};
+use trellis_tunnel::{PeerConfig, PublicKey, StaticSecret, Tunnel};
+
+use state::{NodeState, StateDir};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How long without any frame from the control plane before the stream is
+/// considered dead (the server pings every 10 s).
+const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(35);
+const RECONNECT_MIN: Duration = Duration::from_millis(500);
+const RECONNECT_MAX: Duration = Duration::from_secs(3);
+const LOCAL_ADDR_CHECK: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    pub server: Option<String>,
+    pub token: Option<String>,
+    pub name: Option<String>,
+    pub state_dir: PathBuf,
+    pub ifname: String,
+    pub listen_port: u16,
+}
+
+/// Enrolls if needed, brings the node up and runs it until `shutdown`
+/// resolves, or the node is removed by an admin (an error).
+pub async fn run(opts: JoinOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let dir = StateDir::new(&opts.state_dir);
+    let (mut state, key) = if dir.is_enrolled() {
+        if opts.token.is_some() {
+            eprintln!(
+                "note: {} already holds an enrolled node; the token is not used. \
+                 Use another --state-dir to enroll a new node.",
+                dir.path().display()
+            );
+        }
+        dir.load()?
+    } else {
+        let server = opts
+            .server
+            .clone()
+            .context("this node is not enrolled yet: pass --server URL")?;
+        let token = opts.token.clone().context(
+            "this node is not enrolled yet: pass --token (create one with `trellis token create`)",
+        )?;
+        let (state, key) = enroll(&server, &token, opts.name.as_deref(), opts.listen_port).await?;
+        dir.save_new(&state, &key)?;
+        eprintln!(
+            "enrolled as {} in account {} with IP {}",
+            state.name, state.account, state.ip
+        );
+        (state, key)
+    };
+    if let Some(server) = &opts.server {
+        if server.trim_end_matches('/') != state.server {
+            eprintln!(
+                "note: using the server this node enrolled with ({}), not {server}",
+                state.server
+            );
+        }
+    }
+
+    let listener = bind_status_socket(&dir).await?;
+
+    let tunnel = Tunnel::new(key.clone());
+    let dp = DataPlane::start(
+        &DataPlaneConfig {
+            ifname: opts.ifname.clone(),
+            address: state.ip,
+            prefix_len: state.cidr.prefix_len(),
+            mtu: DEFAULT_MTU,
+            listen_port: if opts.listen_port != 0 {
+                opts.listen_port
+            } else {
+                state.listen_port
+            },
+        },
+        tunnel,
+    )?;
+    if dp.listen_port() != state.listen_port {
+        state.listen_port = dp.listen_port();
+        dir.save(&state)?;
+    }
+    let agent = Arc::new(Agent {
+        dp,
+        public_key: *PublicKey::from(&key).as_bytes(),
+        inner: Mutex::new(AgentInner {
+            map: None,
+            connected: false,
+        }),
+        dir,
+        ifname: opts.ifname.clone(),
+    });
+    if let Some(map) = agent.dir.load_map() {
+        tracing::info!(
+            peers = map.peers.len(),
+            "using the last network map until the control plane answers"
+        );
+        agent.apply_full(map, false);
+    }
+    eprintln!(
+        "trellis node {} is up: {} on {} (WireGuard UDP port {})",
+        state.name,
+        state.ip,
+        opts.ifname,
+        agent.dp.listen_port()
+    );
+
+    let status_task = tokio::spawn(serve_status(listener, agent.clone()));
+    let result = tokio::select! {
+        r = control_loop(agent.clone(), state.clone()) => r,
+        _ = shutdown => Ok(()),
+    };
+    status_task.abort();
+    let _ = std::fs::remove_file(agent.dir.socket_path());
+    result
+}
+
+async fn enroll(
+    server: &str,
+    token: &str,
+    name: Option<&str>,
+    listen_port: u16,
+) -> anyhow::Result<(NodeState, StaticSecret)> {
+    let server = server.trim_end_matches('/').to_string();
+    if let Some(n) = name {
+        trellis_proto::validate_name("node", n).map_err(|e| anyhow!(e))?;
+    }
+    let mut seed = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+    let key = StaticSecret::from(seed);
+    let public = NodeKey(*PublicKey::from(&key).as_bytes());
+    let req = EnrollRequest {
+        token: token.trim().to_string(),
+        public_key: public,
+        name: name.map(str::to_string),
+        hostname: hostname(),
+        os: std::env::consts::OS.to_string(),
+        version: VERSION.to_string(),
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()?;
+    let resp = client
+        .post(format!("{server}/api/v1/enroll"))
+        .json(&req)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the Trellis server at {server}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<ApiError>(&text)
+            .map(|e| e.error)
+            .unwrap_or(text);
+        bail!("enrollment refused ({status}): {msg}");
+    }
+    let r: EnrollResponse = resp
+        .json()
+        .await
+        .context("the server's answer was not understood")?;
+    Ok((
+        NodeState {
+            server,
+            node_id: r.node_id,
+            name: r.name,
+            account: r.account,
+            ip: r.ip,
+            cidr: r.cidr,
+            node_secret: r.node_secret,
+            listen_port,
+        },
+        key,
+    ))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+struct Agent {
+    dp: DataPlane,
+    public_key: [u8; 32],
+    inner: Mutex<AgentInner>,
+    dir: StateDir,
+    ifname: String,
+}
+
+struct AgentInner {
+    map: Option<NetworkMap>,
+    connected: bool,
+}
+
+fn peer_config(p: &Peer) -> PeerConfig {
+    PeerConfig {
+        public_key: p.public_key.0,
+        name: p.name.clone(),
+        allowed_ips: p.allowed_ips.clone(),
+        endpoints: p.endpoints.clone(),
+    }
+}
+
+impl Agent {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AgentInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn apply_full(&self, map: NetworkMap, persist: bool) {
+        let configs: Vec<PeerConfig> = map
+            .peers
+            .iter()
+            .filter(|p| p.public_key.0 != self.public_key)
+            .map(peer_config)
+            .collect();
+        self.dp.tunnel().set_peers(Instant::now(), configs);
+        if persist {
+            if let Err(e) = self.dir.save_map(&map) {
+                tracing::warn!(error = %e, "cannot cache the network map");
+            }
+        }
+        self.lock().map = Some(map);
+    }
+
+    fn apply_delta(
+        &self,
+        self_node: Option<trellis_proto::SelfNode>,
+        upsert: Vec<Peer>,
+        remove: Vec<NodeKey>,
+    ) {
+        let now = Instant::now();
+        {
+            let mut t = self.dp.tunnel();
+            for k in &remove {
+                t.remove_peer(&k.0);
+            }
+            for p in upsert.iter().filter(|p| p.public_key.0 != self.public_key) {
+                t.upsert_peer(now, peer_config(p));
+            }
+        }
+        let snapshot = {
+            let mut inner = self.lock();
+            let Some(map) = inner.map.as_mut() else {
+                return;
+            };
+            if let Some(s) = self_node {
+                map.self_node = s;
+            }
+            map.peers.retain(|p| !remove.contains(&p.public_key));
+            for p in upsert {
+                match map.peers.iter_mut().find(|q| q.public_key == p.public_key) {
+                    Some(q) => *q = p,
+                    None => map.peers.push(p),
+                }
+            }
+            map.clone()
+        };
+        if let Err(e) = self.dir.save_map(&snapshot) {
+            tracing::warn!(error = %e, "cannot cache the network map");
+        }
+    }
+
+    fn status(&self, state: &NodeState) -> Status {
+        let inner = self.lock();
+        let online: HashMap<[u8; 32], bool> = inner
+            .map
+            .as_ref()
+            .map(|m| m.peers.iter().map(|p| (p.public_key.0, p.online)).collect())
+            .unwrap_or_default();
+        let (name, ip, account) = match &inner.map {
+            Some(m) => (
+                m.self_node.name.clone(),
+                m.self_node.ip,
+                m.self_node.account.clone(),
+            ),
+            None => (state.name.clone(), state.ip, state.account.clone()),
+        };
+        let connected = inner.connected;
+        drop(inner);
+        let peers = self
+            .dp
+            .tunnel()
+            .status()
+            .into_iter()
+            .map(|p| PeerStatusJson {
+                name: p.name,
+                ip: p
+                    .allowed_ips
+                    .first()
+                    .map(|n| n.addr())
+                    .unwrap_or(Ipv4Addr::UNSPECIFIED),
+                public_key: NodeKey(p.public_key).to_string(),
+                path: p.path.map(|x| x.kind()).unwrap_or("none").to_string(),
+                endpoint: p.path.map(|x| x.endpoint().to_string()),
+                last_handshake_secs: p.stats.since_last_handshake.map(|d| d.as_secs()),
+                rx_bytes: p.stats.rx_bytes,
+                tx_bytes: p.stats.tx_bytes,
+                online: online.get(&p.public_key).copied().unwrap_or(false),
+            })
+            .collect();
+        Status {
+            name,
+            ip,
+            account,
+            public_key: NodeKey(self.public_key).to_string(),
+            interface: self.ifname.clone(),
+            listen_port: self.dp.listen_port(),
+            server: state.server.clone(),
+            control: if connected {
+                "connected"
+            } else {
+                "disconnected"
+            },
+            peers,
+        }
+    }
+}
+
+/// The JSON `trellis status --json` prints.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub account: String,
+    pub public_key: String,
+    pub interface: String,
+    pub listen_port: u16,
+    pub server: String,
+    pub control: &'static str,
+    pub peers: Vec<PeerStatusJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PeerStatusJson {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub public_key: String,
+    pub path: String,
+    pub endpoint: Option<String>,
+    pub last_handshake_secs: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub online: bool,
+}
+
+/// Why the control loop ended for good.
+#[derive(Debug)]
+enum Fatal {
+    Removed(String),
+    Unauthorized(String),
+}
+
+async fn control_loop(agent: Arc<Agent>, state: NodeState) -> anyhow::Result<()> {
+    let mut backoff = RECONNECT_MIN;
+    loop {
+        let started = Instant::now();
+        match stream_once(&agent, &state).await {
+            Ok(fatal) => {
+                agent.lock().connected = false;
+                return Err(match fatal {
+                    Fatal::Removed(reason) => anyhow!(
+                        "this node was removed from the network by an admin ({reason}); \
+                         to join again, enroll with a new token and an empty --state-dir"
+                    ),
+                    Fatal::Unauthorized(msg) => anyhow!(
+                        "the server refused this node's credentials: {msg}; \
+                         it was probably deleted — enroll again with a new token and an empty --state-dir"
+                    ),
+                });
+            }
+            Err(e) => {
+                agent.lock().connected = false;
+                tracing::warn!(error = %format!("{e:#}"), "control stream lost; the mesh keeps running, reconnecting");
+            }
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = RECONNECT_MIN;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RECONNECT_MAX);
+    }
+}
+
+fn stream_url(server: &str) -> String {
+    let base = if let Some(rest) = server.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if let Some(rest) = server.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else {
+        format!("ws://{server}")
+    };
+    format!("{base}/api/v1/node/stream")
+}
+
+fn hello(agent: &Agent, local_addrs: &[IpAddr]) -> anyhow::Result<Message> {
+    let m = NodeMessage::Hello {
+        listen_port: agent.dp.listen_port(),
+        local_addrs: local_addrs.to_vec(),
+        os: std::env::consts::OS.to_string(),
+        version: VERSION.to_string(),
+    };
+    Ok(Message::Text(serde_json::to_string(&m)?.into()))
+}
+
+/// One connection of the control stream. `Ok` only for a reason to stop for good.
+async fn stream_once(agent: &Arc<Agent>, state: &NodeState) -> anyhow::Result<Fatal> {
+    let mut req = stream_url(&state.server).into_client_request()?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", state.node_secret).parse()?,
+    );
+    let connect = tokio_tungstenite::connect_async(req);
+    let (ws, _) = match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Err(_) => bail!("connecting to {} timed out", state.server),
+        Ok(Err(tungstenite::Error::Http(resp))) => {
+            let status = resp.status();
+            let body = resp
+                .body()
+                .as_ref()
+                .and_then(|b| serde_json::from_slice::<ApiError>(b).ok())
+                .map(|e| e.error)
+                .unwrap_or_default();
+            if status.as_u16() == 401 || status.as_u16() == 403 {
+                return Ok(Fatal::Unauthorized(format!("{status} {body}")));
+            }
+            bail!("the server answered {status} {body}");
+        }
+        Ok(Err(e)) => return Err(e).with_context(|| format!("connecting to {}", state.server)),
+        Ok(Ok(x)) => x,
+    };
+    let (mut tx, mut rx) = ws.split();
+    let mut addrs = local_addrs(&agent.ifname);
+    tx.send(hello(agent, &addrs)?).await?;
+    agent.lock().connected = true;
+    tracing::info!(server = %state.server, "control stream connected");
+    let mut check = tokio::time::interval(LOCAL_ADDR_CHECK);
+    check.tick().await;
+    loop {
+        tokio::select! {
+            msg = tokio::time::timeout(STREAM_IDLE_TIMEOUT, rx.next()) => {
+                let msg = match msg {
+                    Err(_) => bail!("no word from the control plane for {STREAM_IDLE_TIMEOUT:?}"),
+                    Ok(None) => bail!("the control plane closed the stream"),
+                    Ok(Some(m)) => m?,
+                };
+                match msg {
+                    Message::Text(t) => {
+                        let m: ServerMessage = match serde_json::from_str(t.as_str()) {
+                            Ok(m) => m,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "ignoring a control message this version does not understand");
+                                continue;
+                            }
+                        };
+                        match m {
+                            ServerMessage::Map(map) => {
+                                tracing::info!(peers = map.peers.len(), "network map received");
+                                agent.apply_full(map, true);
+                            }
+                            ServerMessage::Delta { self_node, upsert, remove } => {
+                                tracing::info!(upsert = upsert.len(), remove = remove.len(), "network map update");
+                                agent.apply_delta(self_node, upsert, remove);
+                            }
+                            ServerMessage::Removed { reason } => return Ok(Fatal::Removed(reason)),
+                        }
+                    }
+                    Message::Ping(p) => tx.send(Message::Pong(p)).await?,
+                    Message::Close(_) => bail!("the control plane closed the stream"),
+                    _ => {}
+                }
+            }
+            _ = check.tick() => {
+                let now = local_addrs(&agent.ifname);
+                if now != addrs {
+                    tracing::info!("local addresses changed; telling the control plane");
+                    addrs = now;
+                    tx.send(hello(agent, &addrs)?).await?;
+                }
+            }
+        }
+    }
+}
+
+/// The machine's own IPv4 addresses that could carry WireGuard (not loopback,
+/// not our tunnel).
+fn local_addrs(tun_ifname: &str) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a linked list that we walk read-only and free once.
+    unsafe {
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return out;
+        }
+        let mut cur = ifap;
+        while !cur.is_null() {
+            let ifa = &*cur;
+            cur = ifa.ifa_next;
+            if ifa.ifa_addr.is_null() || (*ifa.ifa_addr).sa_family as i32 != libc::AF_INET {
+                continue;
+            }
+            let name = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy();
+            if name == tun_ifname {
+                continue;
+            }
+            let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            if !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified() {
+                out.push(IpAddr::V4(ip));
+            }
+        }
+        libc::freeifaddrs(ifap);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+async fn bind_status_socket(dir: &StateDir) -> anyhow::Result<UnixListener> {
+    let path = dir.socket_path();
+    if path.exists() {
+        if UnixStream::connect(&path).await.is_ok() {
+            bail!(
+                "an agent is already running with state dir {} (stop it first)",
+                dir.path().display()
+            );
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    let l = UnixListener::bind(&path)
+        .with_context(|| format!("creating the status socket {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+async fn serve_status(listener: UnixListener, agent: Arc<Agent>) {
+    let state = match agent.dir.load() {
+        Ok((s, _)) => s,
+        Err(_) => return,
+    };
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let agent = agent.clone();
+        let state = state.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = conn.into_split();
+            let mut line = String::new();
+            let mut r = BufReader::new(r);
+            let read = tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line)).await;
+            let reply = match (read, line.trim()) {
+                (Ok(Ok(_)), "status") => serde_json::to_string(&agent.status(&state))
+                    .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+                _ => "{\"error\":\"unknown request; try `status`\"}".to_string(),
+            };
+            let _ = w.write_all(reply.as_bytes()).await;
+            let _ = w.write_all(b"\n").await;
+        });
+    }
+}
+
+/// Asks a running agent for its status (what `trellis status` prints).
+pub async fn query_status(state_dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    let dir = StateDir::new(state_dir);
+    let path = dir.socket_path();
+    let conn = UnixStream::connect(&path).await.with_context(|| {
+        format!(
+            "no agent is running with state dir {} (start it with `trellis join`)",
+            state_dir.display()
+        )
+    })?;
+    let (r, mut w) = conn.into_split();
+    w.write_all(b"status\n").await?;
+    let mut line = String::new();
+    BufReader::new(r).read_line(&mut line).await?;
+    let v: serde_json::Value =
+        serde_json::from_str(&line).context("the agent's answer was not JSON")?;
+    if let Some(e) = v.get("error") {
+        bail!("the agent answered: {e}");
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_urls() {
+        assert_eq!(
+            stream_url("http://198.18.0.1:8080"),
+            "ws://198.18.0.1:8080/api/v1/node/stream"
+        );
+        assert_eq!(
+            stream_url("https://mesh.example.com"),
+            "wss://mesh.example.com/api/v1/node/stream"
+        );
+    }
+
+    #[test]
+    fn local_addrs_never_lists_loopback() {
+        for a in local_addrs("trellis0") {
+            assert!(!a.is_loopback());
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! `trellis`: one binary for the server (control plane + edge), the node agent
+//! and the admin CLI. Parsing only; the work is in the crates below.
+
+mod admin;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "trellis",
+    version,
+    about = "Trellis: a self-hosted private mesh network"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct AdminOpts {
+    /// URL of the Trellis server.
+    #[arg(
+        long,
+        env = "TRELLIS_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub server: String,
+    /// Admin API key (default: the operator key in ./trellis-data/admin.key, if readable).
+    #[arg(long, env = "TRELLIS_API_KEY", hide_env_values = true, global = true)]
+    pub api_key: Option<String>,
+    /// Act on this account (operator key only; default: the key's own account, or `default`).
+    #[arg(long, global = true)]
+    pub account: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the control plane and the edge in one process.
+    Server {
+        /// Where the SQLite database and admin.key live.
+        #[arg(long, default_value = "trellis-data")]
+        data_dir: PathBuf,
+        /// HTTP address of the API (and, later, the dashboard).
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        /// UDP address of the edge (endpoint discovery).
+        #[arg(long, default_value = "0.0.0.0:3478")]
+        edge_udp: SocketAddr,
+        /// The URL nodes and browsers use to reach this server, if not the listen address.
+        #[arg(long)]
+        public_url: Option<String>,
+    },
+    /// Enroll this machine (first run, with --token) and run the node agent in the foreground.
+    Join {
+        #[arg(long, env = "TRELLIS_SERVER")]
+        server: Option<String>,
+        /// Join token from `trellis token create`. Not needed once enrolled.
+        #[arg(long, env = "TRELLIS_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Name of this node (default: the hostname).
+        #[arg(long)]
+        name: Option<String>,
+        /// Where the node keeps its identity and state.
+        #[arg(long, default_value = "/var/lib/trellis")]
+        state_dir: PathBuf,
+        /// Name of the TUN interface.
+        #[arg(long, default_value = "trellis0")]
+        interface: String,
+        /// WireGuard UDP port (0: keep the one used before, or pick a free one).
+        #[arg(long, default_value_t = 0)]
+        listen_port: u16,
+    },
+    /// Show this node and its peers, as the running agent sees them.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "/var/lib/trellis")]
+        state_dir: PathBuf,
+    },
+    /// Accounts: separate private networks on one server (operator key).
+    Account {
+        #[command(subcommand)]
+        cmd: AccountCmd,
+        #[command(flatten)]
+        admin: AdminOpts,
+    },
+    /// Join tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+        #[command(flatten)]
+        admin: AdminOpts,
+    },
+    /// Nodes of an account.
+    Nodes {
+        #[command(subcommand)]
+        cmd: NodesCmd,
+        #[command(flatten)]
+        admin: AdminOpts,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AccountCmd {
+    /// Create an account; prints its admin API key (shown once).
+    Create {
+        name: String,
+        /// Its overlay block inside 100.64.0.0/10 (default: the next free /16).
+        #[arg(long)]
+        cidr: Option<String>,
+    },
+    /// List accounts.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Create a join token; prints it (shown once).
+    Create {
+        /// Let the token enroll any number of nodes until it expires.
+        #[arg(long)]
+        reusable: bool,
+        /// Lifetime, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Tags for nodes that enroll with it (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NodesCmd {
+    /// List the nodes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a node: its key is revoked and every peer drops it within seconds.
+    Delete { name: String },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
+
+async fn run_server(
+    data_dir: PathBuf,
+    listen: SocketAddr,
+    edge_udp: SocketAddr,
+    public_url: Option<String>,
+) -> anyhow::Result<()> {
+    let server = trellis_control::Server::start(trellis_control::Config {
+        data_dir: data_dir.clone(),
+        listen,
+        public_url,
+    })
+    .await?;
+    let edge = trellis_edge::EdgeUdp::bind(edge_udp).await?;
+    let edge_addr = edge.local_addr()?;
+    let edge_task = tokio::spawn(edge.serve());
+    let url = server.url();
+    println!("Trellis server is running at {url}");
+    println!("  API:            {url}/api/v1 (OpenAPI: {url}/api/v1/openapi.json)");
+    println!("  Edge UDP:       {edge_addr}");
+    println!("  Operator key:   {}", server.admin_key_path().display());
+    println!("Add a machine:");
+    println!(
+        "  trellis token create --server {url} --api-key \"$(cat {})\"",
+        server.admin_key_path().display()
+    );
+    println!("  trellis join --server {url} --token <TOKEN>     # on the machine, as root");
+    let r = server.serve(shutdown_signal()).await;
+    edge_task.abort();
+    r
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.cmd {
+        Cmd::Server {
+            data_dir,
+            listen,
+            edge_udp,
+            public_url,
+        } => run_server(data_dir, listen, edge_udp, public_url).await,
+        Cmd::Join {
+            server,
+            token,
+            name,
+            state_dir,
+            interface,
+            listen_port,
+        } => {
+            trellis_node::run(
+                trellis_node::JoinOptions {
+                    server,
+                    token,
+                    name,
+                    state_dir,
+                    ifname: interface,
+                    listen_port,
+                },
+                shutdown_signal(),
+            )
+            .await
+        }
+        Cmd::Status { json, state_dir } => status(json, &state_dir).await,
+        Cmd::Account { cmd, admin } => admin::account(&admin, cmd).await,
+        Cmd::Token { cmd, admin } => admin::token(&admin, cmd).await,
+        Cmd::Nodes { cmd, admin } => admin::nodes(&admin, cmd).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn status(json: bool, state_dir: &std::path::Path) -> anyhow::Result<()> {
+    let v = trellis_node::query_status(state_dir).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let s = |v: &serde_json::Value, k: &str| {
+        v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string()
+    };
+    println!(
+        "{} {} (account {}, control plane {})",
+        s(&v, "name"),
+        s(&v, "ip"),
+        s(&v, "account"),
+        s(&v, "control")
+    );
+    let peers = v
+        .get("peers")
+        .and_then(|p| p.as_array())
+        .context("no peers in status")?;
+    if peers.is_empty() {
+        println!("no peers yet");
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<16} {:<8} {:<22} {:>10} {:>12} {:>12}",
+        "PEER", "IP", "PATH", "ENDPOINT", "HANDSHAKE", "RX", "TX"
+    );
+    for p in peers {
+        let hs = p
+            .get("last_handshake_secs")
+            .and_then(|x| x.as_u64())
+            .map(|x| format!("{x}s ago"))
+            .unwrap_or_else(|| "never".into());
+        println!(
+            "{:<20} {:<16} {:<8} {:<22} {:>10} {:>12} {:>12}",
+            s(p, "name"),
+            s(p, "ip"),
+            s(p, "path"),
+            s(p, "endpoint"),
+            hs,
+            p.get("rx_bytes").and_then(|x| x.as_u64()).unwrap_or(0),
+            p.get("tx_bytes").and_then(|x| x.as_u64()).unwrap_or(0),
+        );
+    }
+    Ok(())
+}
