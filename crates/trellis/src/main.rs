@@ -202,6 +202,9 @@ async fn run_server(
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    // One TLS crypto provider, chosen explicitly (rustls panics at run time when
+    // it has to guess between several).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.cmd {
         Cmd::Server {
             data_dir,
