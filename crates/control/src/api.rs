@@ -1,0 +1,466 @@
+//! The REST API under `/api/v1` and its OpenAPI document.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use trellis_proto::{
+    validate_name, AccountInfo, ApiError, CreateAccountRequest, CreateAccountResponse,
+    CreateTokenRequest, CreateTokenResponse, EnrollRequest, EnrollResponse, NodeInfo,
+};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::map::{endpoints, Hub};
+use crate::store::{validate_cidr, Account, Enrollment, Store, StoreError};
+use crate::stream;
+
+/// Shared state of all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub hub: Arc<Hub>,
+}
+
+/// Unix seconds now.
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A failed API call: a status and a sentence a person can act on.
+#[derive(Debug)]
+pub struct ApiErr {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiErr {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiErr {
+        ApiErr {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ApiError {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<StoreError> for ApiErr {
+    fn from(e: StoreError) -> ApiErr {
+        let status = match &e {
+            StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            StoreError::Conflict(_) => StatusCode::CONFLICT,
+            StoreError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            StoreError::Forbidden(_) => StatusCode::FORBIDDEN,
+            StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+            StoreError::Corrupt(_) | StoreError::Db(_) => {
+                tracing::error!(error = %e, "store failure");
+                return ApiErr::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the control plane's database failed; see the server log",
+                );
+            }
+        };
+        ApiErr::new(status, e.to_string())
+    }
+}
+
+/// A JSON body whose every problem becomes a 400 with a readable message.
+/// An empty body counts as `{}`. The Content-Type header is not required.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiErr;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiErr> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            ApiErr::new(
+                e.status(),
+                format!("could not read the body: {}", e.body_text()),
+            )
+        })?;
+        let text: &[u8] = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(text)
+            .map(ApiJson)
+            .map_err(|e| ApiErr::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = value.split_once(' ')?;
+    let rest = rest.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty()).then_some(rest)
+}
+
+#[derive(Deserialize)]
+struct AccountQuery {
+    account: Option<String>,
+}
+
+/// An authenticated admin call: the account it acts on, and whether the key is the operator's.
+pub struct Admin {
+    pub account: Account,
+    pub operator: bool,
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiErr;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiErr> {
+        let key = bearer(&parts.headers).ok_or_else(|| {
+            ApiErr::new(
+                StatusCode::UNAUTHORIZED,
+                "missing API key: send `Authorization: Bearer <key>` (the operator key is in the server's DATA_DIR/admin.key)",
+            )
+        })?;
+        let (own, operator) = state.store.auth_api_key(key).await?.ok_or_else(|| {
+            ApiErr::new(
+                StatusCode::UNAUTHORIZED,
+                "API key not recognised — check it was copied whole (the operator key is in the server's DATA_DIR/admin.key)",
+            )
+        })?;
+        let query =
+            Query::<AccountQuery>::try_from_uri(&parts.uri).map_err(|e: QueryRejection| {
+                ApiErr::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("bad query string: {}", e.body_text()),
+                )
+            })?;
+        let account = match query.0.account {
+            None => own,
+            Some(name) if name == own.name => own,
+            Some(name) if operator => {
+                state.store.account_by_name(&name).await?.ok_or_else(|| {
+                    ApiErr::new(
+                        StatusCode::NOT_FOUND,
+                        format!("no account named {name:?}; see GET /api/v1/accounts"),
+                    )
+                })?
+            }
+            Some(name) => {
+                return Err(ApiErr::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "this API key belongs to account {:?} and cannot act on account {name:?}",
+                        own.name
+                    ),
+                ))
+            }
+        };
+        Ok(Admin { account, operator })
+    }
+}
+
+fn require_operator(admin: &Admin) -> Result<(), ApiErr> {
+    if admin.operator {
+        Ok(())
+    } else {
+        Err(ApiErr::new(
+            StatusCode::FORBIDDEN,
+            "only the operator key (the server's DATA_DIR/admin.key) may create or list accounts",
+        ))
+    }
+}
+
+fn account_info(a: &Account) -> AccountInfo {
+    AccountInfo {
+        name: a.name.clone(),
+        cidr: a.cidr,
+        created_at: a.created_at,
+    }
+}
+
+/// Liveness check.
+#[utoipa::path(get, path = "/api/v1/health", tag = "meta",
+    responses((status = 200, description = "The server is up: {\"ok\":true}")))]
+pub async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "ok": true }))
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI document of this API")))]
+pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// Creates an account (operator key only). The response holds the account's admin key, shown once.
+#[utoipa::path(post, path = "/api/v1/accounts", tag = "accounts",
+    request_body = CreateAccountRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, body = CreateAccountResponse),
+        (status = 400, body = ApiError), (status = 401, body = ApiError),
+        (status = 403, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn create_account(
+    State(st): State<AppState>,
+    admin: Admin,
+    ApiJson(req): ApiJson<CreateAccountRequest>,
+) -> Result<(StatusCode, Json<CreateAccountResponse>), ApiErr> {
+    require_operator(&admin)?;
+    validate_name("account", &req.name).map_err(|e| ApiErr::new(StatusCode::BAD_REQUEST, e))?;
+    if let Some(c) = &req.cidr {
+        validate_cidr(c).map_err(|e| ApiErr::new(StatusCode::BAD_REQUEST, e))?;
+    }
+    let (account, api_key) = st.store.create_account(&req.name, req.cidr, now()).await?;
+    tracing::info!(account = %account.name, cidr = %account.cidr, "account created");
+    Ok((
+        StatusCode::CREATED,
+        Json(CreateAccountResponse {
+            account: account_info(&account),
+            api_key,
+        }),
+    ))
+}
+
+/// Lists all accounts (operator key only).
+#[utoipa::path(get, path = "/api/v1/accounts", tag = "accounts",
+    security(("bearer" = [])),
+    responses((status = 200, body = Vec<AccountInfo>),
+        (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+pub async fn list_accounts(
+    State(st): State<AppState>,
+    admin: Admin,
+) -> Result<Json<Vec<AccountInfo>>, ApiErr> {
+    require_operator(&admin)?;
+    let accounts = st.store.list_accounts().await?;
+    Ok(Json(accounts.iter().map(account_info).collect()))
+}
+
+/// Creates a join token. The token is shown once.
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens",
+    request_body = CreateTokenRequest,
+    params(("account" = Option<String>, Query, description = "Account to act on (operator key only; default: the key's own)")),
+    security(("bearer" = [])),
+    responses((status = 201, body = CreateTokenResponse),
+        (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+pub async fn create_token(
+    State(st): State<AppState>,
+    admin: Admin,
+    ApiJson(req): ApiJson<CreateTokenRequest>,
+) -> Result<(StatusCode, Json<CreateTokenResponse>), ApiErr> {
+    let ttl = req.ttl_secs.unwrap_or(3600);
+    let (token, expires_at) = st
+        .store
+        .create_token(admin.account.id, req.reusable, ttl, &req.tags, now())
+        .await?;
+    tracing::info!(account = %admin.account.name, reusable = req.reusable, "join token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(CreateTokenResponse {
+            token,
+            account: admin.account.name,
+            reusable: req.reusable,
+            expires_at,
+        }),
+    ))
+}
+
+/// Lists the account's nodes.
+#[utoipa::path(get, path = "/api/v1/nodes", tag = "nodes",
+    params(("account" = Option<String>, Query, description = "Account to act on (operator key only; default: the key's own)")),
+    security(("bearer" = [])),
+    responses((status = 200, body = Vec<NodeInfo>),
+        (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+pub async fn list_nodes(
+    State(st): State<AppState>,
+    admin: Admin,
+) -> Result<Json<Vec<NodeInfo>>, ApiErr> {
+    let nodes = st.store.list_nodes(admin.account.id).await?;
+    let out = nodes
+        .iter()
+        .map(|n| {
+            let online = st.hub.is_online(n.id);
+            NodeInfo {
+                id: n.id,
+                name: n.name.clone(),
+                account: admin.account.name.clone(),
+                ip: n.ip,
+                public_key: n.public_key,
+                online,
+                // A connected node is being seen right now.
+                last_seen: if online { Some(now()) } else { n.last_seen },
+                created_at: n.created_at,
+                os: n.os.clone(),
+                version: n.version.clone(),
+                tags: n.tags.clone(),
+                endpoints: endpoints(n),
+            }
+        })
+        .collect();
+    Ok(Json(out))
+}
+
+/// Deletes a node. Its key is revoked for good; its peers and its own stream are told at once.
+#[utoipa::path(delete, path = "/api/v1/nodes/{name}", tag = "nodes",
+    params(("name" = String, Path, description = "Node name"),
+        ("account" = Option<String>, Query, description = "Account to act on (operator key only; default: the key's own)")),
+    security(("bearer" = [])),
+    responses((status = 204, description = "Deleted"),
+        (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
+pub async fn delete_node(
+    State(st): State<AppState>,
+    admin: Admin,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiErr> {
+    let node = st.store.delete_node(&admin.account, &name, now()).await?;
+    st.hub.kick(
+        node.id,
+        &format!("node {:?} was deleted by an admin", node.name),
+    );
+    st.hub.notify(admin.account.id);
+    tracing::info!(account = %admin.account.name, node = %node.name, "node deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Enrolls a node with a join token (no header auth). The node secret is shown once.
+#[utoipa::path(post, path = "/api/v1/enroll", tag = "nodes",
+    request_body = EnrollRequest,
+    responses((status = 200, body = EnrollResponse),
+        (status = 400, body = ApiError), (status = 401, body = ApiError),
+        (status = 403, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn enroll(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<EnrollRequest>,
+) -> Result<Json<EnrollResponse>, ApiErr> {
+    let enrollment = Enrollment {
+        token: req.token,
+        public_key: req.public_key,
+        name: req.name,
+        hostname: req.hostname,
+        os: req.os,
+        version: req.version,
+    };
+    let done = st.store.enroll(&enrollment, now()).await?;
+    st.hub.notify(done.account.id);
+    tracing::info!(account = %done.account.name, node = %done.node.name, ip = %done.node.ip, "node enrolled");
+    Ok(Json(EnrollResponse {
+        node_id: done.node.id,
+        name: done.node.name,
+        account: done.account.name,
+        ip: done.node.ip,
+        cidr: done.account.cidr,
+        node_secret: done.secret,
+    }))
+}
+
+/// The node's control stream: a WebSocket of JSON `NodeMessage` (node → server)
+/// and `ServerMessage` (server → node) text frames. Auth: `Bearer <node_secret>`.
+#[utoipa::path(get, path = "/api/v1/node/stream", tag = "nodes",
+    security(("bearer" = [])),
+    responses((status = 101, description = "Switching to the WebSocket control stream"),
+        (status = 401, body = ApiError)))]
+pub async fn node_stream(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiErr> {
+    let secret = bearer(&headers).ok_or_else(|| {
+        ApiErr::new(
+            StatusCode::UNAUTHORIZED,
+            "missing node credential: send `Authorization: Bearer <node_secret>`",
+        )
+    })?;
+    let node = st.store.node_by_secret(secret).await?.ok_or_else(|| {
+        ApiErr::new(
+            StatusCode::UNAUTHORIZED,
+            "node credential not recognised: this node was removed or never enrolled; enroll again with a new join token",
+        )
+    })?;
+    let ws = ws.map_err(|e| {
+        ApiErr::new(
+            e.status(),
+            format!("this endpoint needs a WebSocket upgrade: {}", e.body_text()),
+        )
+    })?;
+    Ok(ws
+        .max_message_size(MAX_STREAM_MESSAGE)
+        .on_upgrade(move |socket| stream::run(st, node, peer.ip(), socket)))
+}
+
+/// Largest control-stream message a node may send.
+const MAX_STREAM_MESSAGE: usize = 64 * 1024;
+
+async fn method_not_allowed() -> ApiErr {
+    ApiErr::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this endpoint does not take that HTTP method; see /api/v1/openapi.json",
+    )
+}
+
+async fn not_found() -> ApiErr {
+    ApiErr::new(
+        StatusCode::NOT_FOUND,
+        "no such API endpoint; see /api/v1/openapi.json",
+    )
+}
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Trellis control plane", description = "Accounts, join tokens, nodes and the node control stream of a Trellis mesh."),
+    paths(health, openapi_json, create_account, list_accounts, create_token, list_nodes,
+        delete_node, enroll, node_stream),
+    components(schemas(ApiError, AccountInfo, CreateAccountRequest, CreateAccountResponse,
+        CreateTokenRequest, CreateTokenResponse, NodeInfo, EnrollRequest, EnrollResponse)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/health", get(health))
+        .route("/openapi.json", get(openapi_json))
+        .route("/accounts", post(create_account).get(list_accounts))
+        .route("/tokens", post(create_token))
+        .route("/nodes", get(list_nodes))
+        .route("/nodes/{name}", delete(delete_node))
+        .route("/enroll", post(enroll))
+        .route("/node/stream", get(node_stream))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed);
+    Router::new().nest("/api/v1", api).with_state(state)
+}

@@ -1,0 +1,419 @@
+//! Network maps: what each node is told about itself and its peers, the
+//! registry of open control streams, and the change fan-out between them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use ipnet::Ipv4Net;
+use tokio::sync::{broadcast, mpsc, watch};
+use trellis_proto::{NetworkMap, NodeKey, Peer, SelfNode, ServerMessage};
+
+use crate::store::{overlay_space, Account, Node};
+
+/// Underlay endpoints of a node, best first: the address the control plane saw
+/// it connect from, then its own interface addresses, all with its WireGuard port.
+pub fn endpoints(node: &Node) -> Vec<SocketAddr> {
+    let Some(port) = node.listen_port.filter(|p| *p != 0) else {
+        return Vec::new();
+    };
+    let space = overlay_space();
+    let mut out: Vec<SocketAddr> = Vec::new();
+    if let Some(ip) = node.observed_ip.map(|ip| ip.to_canonical()) {
+        if !ip.is_loopback() && !ip.is_unspecified() {
+            out.push(SocketAddr::new(ip, port));
+        }
+    }
+    for ip in &node.local_addrs {
+        let ip = ip.to_canonical();
+        if ip.is_loopback() || ip.is_unspecified() || is_link_local(&ip) {
+            continue;
+        }
+        if let IpAddr::V4(v4) = ip {
+            if space.contains(&v4) {
+                continue;
+            }
+        }
+        let ep = SocketAddr::new(ip, port);
+        if !out.contains(&ep) {
+            out.push(ep);
+        }
+    }
+    out
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+fn host_net(ip: Ipv4Addr) -> Ipv4Net {
+    Ipv4Net::from(ip)
+}
+
+/// The peer entry of `node`.
+pub fn peer_of(node: &Node, online: bool) -> Peer {
+    Peer {
+        id: node.id,
+        name: node.name.clone(),
+        public_key: node.public_key,
+        ip: node.ip,
+        allowed_ips: vec![host_net(node.ip)],
+        endpoints: endpoints(node),
+        online,
+    }
+}
+
+/// The map of node `me` in `account`, given all nodes of the account.
+/// None when `me` is not among them (it was removed).
+pub fn build_map(
+    account: &Account,
+    nodes: &[Node],
+    me: i64,
+    online: &HashSet<i64>,
+) -> Option<NetworkMap> {
+    let this = nodes
+        .iter()
+        .find(|n| n.id == me && n.account_id == account.id)?;
+    let self_node = SelfNode {
+        id: this.id,
+        name: this.name.clone(),
+        account: account.name.clone(),
+        ip: this.ip,
+        cidr: account.cidr,
+    };
+    let mut peers: Vec<Peer> = nodes
+        .iter()
+        .filter(|n| n.id != me && n.account_id == account.id)
+        .map(|n| peer_of(n, online.contains(&n.id)))
+        .collect();
+    peers.sort_by_key(|p| p.id);
+    Some(NetworkMap { self_node, peers })
+}
+
+/// What one connection last told its node.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    self_node: SelfNode,
+    peers: BTreeMap<NodeKey, Peer>,
+}
+
+impl Sent {
+    pub fn new(map: &NetworkMap) -> Sent {
+        Sent {
+            self_node: map.self_node.clone(),
+            peers: map
+                .peers
+                .iter()
+                .map(|p| (p.public_key, p.clone()))
+                .collect(),
+        }
+    }
+
+    /// The delta from what was sent to `next`, or None if nothing changed.
+    /// Updates `self` to `next` when there is something to send.
+    pub fn delta_to(&mut self, next: &NetworkMap) -> Option<ServerMessage> {
+        let self_node = (self.self_node != next.self_node).then(|| next.self_node.clone());
+        let upsert: Vec<Peer> = next
+            .peers
+            .iter()
+            .filter(|p| self.peers.get(&p.public_key) != Some(*p))
+            .cloned()
+            .collect();
+        let keep: HashSet<NodeKey> = next.peers.iter().map(|p| p.public_key).collect();
+        let remove: Vec<NodeKey> = self
+            .peers
+            .keys()
+            .filter(|k| !keep.contains(k))
+            .copied()
+            .collect();
+        if self_node.is_none() && upsert.is_empty() && remove.is_empty() {
+            return None;
+        }
+        *self = Sent::new(next);
+        Some(ServerMessage::Delta {
+            self_node,
+            upsert,
+            remove,
+        })
+    }
+}
+
+/// Orders the hub gives an open connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// A newer connection of the same node took over.
+    Replaced,
+    /// The node was deleted: tell it, then close.
+    Removed(String),
+}
+
+struct Conn {
+    conn_id: u64,
+    account_id: i64,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+/// Registry of open control streams and the account-change fan-out.
+pub struct Hub {
+    conns: Mutex<HashMap<i64, Conn>>,
+    changes: broadcast::Sender<i64>,
+    next_conn: AtomicU64,
+    shutdown: watch::Sender<bool>,
+    /// Number of stream tasks still running (registered or not).
+    active: watch::Sender<usize>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new()
+    }
+}
+
+impl Hub {
+    pub fn new() -> Hub {
+        let (changes, _) = broadcast::channel(1024);
+        let (shutdown, _) = watch::channel(false);
+        let (active, _) = watch::channel(0);
+        Hub {
+            conns: Mutex::new(HashMap::new()),
+            changes,
+            next_conn: AtomicU64::new(1),
+            shutdown,
+            active,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<i64, Conn>> {
+        // A panic while holding this lock leaves a plain map behind; keep using it.
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Something in this account changed: every open stream of it recomputes.
+    pub fn notify(&self, account_id: i64) {
+        // An error only means nobody is listening right now.
+        let _ = self.changes.send(account_id);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<i64> {
+        self.changes.subscribe()
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Tells every open stream to close.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// A stream task began.
+    pub fn stream_started(&self) {
+        self.active.send_modify(|n| *n += 1);
+    }
+
+    /// A stream task ended.
+    pub fn stream_ended(&self) {
+        self.active.send_modify(|n| *n = n.saturating_sub(1));
+    }
+
+    /// Waits until every stream task has ended (they finish their last writes).
+    pub async fn streams_ended(&self) {
+        let mut rx = self.active.subscribe();
+        // The sender lives in self, so this cannot fail while we wait.
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// Registers an open stream of `node_id`; an older one of the same node is told to close.
+    pub fn register(
+        &self,
+        node_id: i64,
+        account_id: i64,
+    ) -> (u64, mpsc::UnboundedReceiver<Control>) {
+        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let old = self.lock().insert(
+            node_id,
+            Conn {
+                conn_id,
+                account_id,
+                control: tx,
+            },
+        );
+        if let Some(old) = old {
+            let _ = old.control.send(Control::Replaced);
+        }
+        (conn_id, rx)
+    }
+
+    /// Removes the registration if it is still this connection's. True if it was.
+    pub fn unregister(&self, node_id: i64, conn_id: u64) -> bool {
+        let mut conns = self.lock();
+        if conns.get(&node_id).map(|c| c.conn_id) == Some(conn_id) {
+            conns.remove(&node_id);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Tells the open stream of a deleted node (if any) that it was removed.
+    pub fn kick(&self, node_id: i64, reason: &str) {
+        if let Some(conn) = self.lock().remove(&node_id) {
+            let _ = conn.control.send(Control::Removed(reason.to_string()));
+        }
+    }
+
+    pub fn is_online(&self, node_id: i64) -> bool {
+        self.lock().contains_key(&node_id)
+    }
+
+    /// Ids of the nodes of `account_id` with an open stream.
+    pub fn online_in(&self, account_id: i64) -> HashSet<i64> {
+        self.lock()
+            .iter()
+            .filter(|(_, c)| c.account_id == account_id)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: i64, account_id: i64) -> Node {
+        Node {
+            id,
+            account_id,
+            name: format!("n{id}"),
+            public_key: NodeKey([id as u8; 32]),
+            ip: Ipv4Addr::new(100, 64, 0, id as u8 + 1),
+            hostname: String::new(),
+            os: String::new(),
+            version: String::new(),
+            tags: Vec::new(),
+            listen_port: None,
+            local_addrs: Vec::new(),
+            observed_ip: None,
+            created_at: 0,
+            last_seen: None,
+        }
+    }
+
+    fn account(id: i64) -> Account {
+        Account {
+            id,
+            name: format!("a{id}"),
+            cidr: "100.64.0.0/16".parse().unwrap(),
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn endpoint_filtering() {
+        let mut n = node(1, 1);
+        assert!(endpoints(&n).is_empty(), "no port, no endpoints");
+        n.listen_port = Some(51820);
+        n.observed_ip = Some("198.18.0.7".parse().unwrap());
+        n.local_addrs = [
+            "198.18.0.7",
+            "127.0.0.1",
+            "169.254.1.1",
+            "100.64.0.2",
+            "0.0.0.0",
+            "fe80::1",
+            "::1",
+            "192.168.1.4",
+            "2001:db8::5",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let got: Vec<String> = endpoints(&n).iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            got,
+            [
+                "198.18.0.7:51820",
+                "192.168.1.4:51820",
+                "[2001:db8::5]:51820"
+            ]
+        );
+        n.observed_ip = Some("::ffff:127.0.0.1".parse().unwrap());
+        assert_eq!(endpoints(&n)[0].to_string(), "198.18.0.7:51820");
+    }
+
+    #[test]
+    fn maps_hold_only_own_account_and_never_self() {
+        let nodes = vec![node(1, 1), node(2, 1), node(3, 2)];
+        let online: HashSet<i64> = [2].into();
+        let map = build_map(&account(1), &nodes, 1, &online).unwrap();
+        assert_eq!(map.self_node.id, 1);
+        assert_eq!(map.peers.len(), 1);
+        assert_eq!(map.peers[0].id, 2);
+        assert!(map.peers[0].online);
+        assert_eq!(map.peers[0].allowed_ips[0].to_string(), "100.64.0.3/32");
+        assert!(build_map(&account(1), &nodes, 3, &online).is_none());
+    }
+
+    #[test]
+    fn deltas_carry_only_changes() {
+        let acc = account(1);
+        let mut nodes = vec![node(1, 1), node(2, 1)];
+        let none = HashSet::new();
+        let first = build_map(&acc, &nodes, 1, &none).unwrap();
+        let mut sent = Sent::new(&first);
+        assert_eq!(sent.delta_to(&first), None);
+
+        nodes.push(node(3, 1));
+        let online: HashSet<i64> = [2].into();
+        let next = build_map(&acc, &nodes, 1, &online).unwrap();
+        match sent.delta_to(&next) {
+            Some(ServerMessage::Delta {
+                self_node,
+                upsert,
+                remove,
+            }) => {
+                assert!(self_node.is_none());
+                let ids: Vec<i64> = upsert.iter().map(|p| p.id).collect();
+                assert_eq!(ids, [2, 3]);
+                assert!(remove.is_empty());
+            }
+            other => panic!("expected a delta, got {other:?}"),
+        }
+        assert_eq!(sent.delta_to(&next), None);
+
+        nodes.remove(1);
+        let next = build_map(&acc, &nodes, 1, &online).unwrap();
+        match sent.delta_to(&next) {
+            Some(ServerMessage::Delta { upsert, remove, .. }) => {
+                assert!(upsert.is_empty());
+                assert_eq!(remove, [NodeKey([2; 32])]);
+            }
+            other => panic!("expected a delta, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn hub_replaces_and_kicks() {
+        let hub = Hub::new();
+        let (c1, mut r1) = hub.register(5, 1);
+        let (c2, mut r2) = hub.register(5, 1);
+        assert_eq!(r1.try_recv(), Ok(Control::Replaced));
+        assert!(
+            !hub.unregister(5, c1),
+            "old connection must not unregister the new one"
+        );
+        assert!(hub.is_online(5));
+        assert_eq!(hub.online_in(1), [5].into());
+        assert!(hub.online_in(2).is_empty());
+        hub.kick(5, "bye");
+        assert_eq!(r2.try_recv(), Ok(Control::Removed("bye".into())));
+        assert!(!hub.is_online(5));
+        assert!(!hub.unregister(5, c2));
+    }
+}

@@ -1,0 +1,290 @@
+//! One node's control stream: wait for Hello, send the full map, then push
+//! deltas whenever the account changes, until the node goes away.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::time::{Instant, MissedTickBehavior};
+use trellis_proto::{NetworkMap, NodeMessage, ServerMessage};
+
+use crate::api::{now, AppState};
+use crate::map::{build_map, Control, Sent};
+use crate::store::{HelloInfo, Node};
+
+/// How long a new connection may take to say Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the server pings.
+pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// A stream silent for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+const CLOSE_NORMAL: u16 = 1000;
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_POLICY: u16 = 1008;
+
+/// Runs the stream of `node` (already authenticated) until it ends.
+pub async fn run(state: AppState, node: Node, observed: IpAddr, mut ws: WebSocket) {
+    match serve(&state, &node, observed, &mut ws).await {
+        Ok(()) => tracing::debug!(node = %node.name, "control stream closed"),
+        Err(e) => {
+            tracing::warn!(node = %node.name, error = %format!("{e:#}"), "control stream failed")
+        }
+    }
+}
+
+async fn close(ws: &mut WebSocket, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    // The peer may already be gone; nothing to do about it then.
+    let _ = ws.send(Message::Close(Some(frame))).await;
+}
+
+async fn send(ws: &mut WebSocket, msg: &ServerMessage) -> anyhow::Result<()> {
+    let text = serde_json::to_string(msg).context("encoding a server message")?;
+    ws.send(Message::Text(text.into()))
+        .await
+        .context("sending to the node")
+}
+
+/// Waits for the first Hello. None if the node closed first.
+async fn wait_hello(ws: &mut WebSocket) -> anyhow::Result<Option<NodeMessage>> {
+    loop {
+        match ws.recv().await {
+            None | Some(Ok(Message::Close(_))) => return Ok(None),
+            Some(Err(e)) => return Err(e).context("reading the node's hello"),
+            Some(Ok(Message::Text(t))) => match serde_json::from_str::<NodeMessage>(&t) {
+                Ok(m @ NodeMessage::Hello { .. }) => return Ok(Some(m)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring a malformed message before hello");
+                }
+            },
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// At most this many of a node's own addresses are kept.
+const MAX_LOCAL_ADDRS: usize = 32;
+
+fn hello_info(msg: NodeMessage, observed: IpAddr) -> HelloInfo {
+    match msg {
+        NodeMessage::Hello {
+            listen_port,
+            mut local_addrs,
+            os,
+            version,
+        } => HelloInfo {
+            listen_port,
+            local_addrs: {
+                local_addrs.truncate(MAX_LOCAL_ADDRS);
+                local_addrs
+            },
+            observed_ip: observed.to_canonical(),
+            os: os.chars().take(64).collect(),
+            version: version.chars().take(64).collect(),
+        },
+    }
+}
+
+/// The current map of this node, or None if the node is gone.
+async fn current_map(state: &AppState, node: &Node) -> anyhow::Result<Option<NetworkMap>> {
+    let Some(account) = state
+        .store
+        .account_by_id(node.account_id)
+        .await
+        .context("loading the node's account")?
+    else {
+        return Ok(None);
+    };
+    let nodes = state
+        .store
+        .list_nodes(account.id)
+        .await
+        .context("loading the account's nodes")?;
+    let online = state.hub.online_in(account.id);
+    Ok(build_map(&account, &nodes, node.id, &online))
+}
+
+const REMOVED_REASON: &str = "this node was removed from the network by an admin";
+
+async fn serve(
+    state: &AppState,
+    node: &Node,
+    observed: IpAddr,
+    ws: &mut WebSocket,
+) -> anyhow::Result<()> {
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, wait_hello(ws)).await {
+        Err(_) => {
+            close(ws, CLOSE_POLICY, "expected a hello message within 10 s").await;
+            return Ok(());
+        }
+        Ok(r) => match r? {
+            Some(h) => h,
+            None => return Ok(()),
+        },
+    };
+
+    // Subscribe before anything changes, so no change is missed.
+    let mut changes = state.hub.subscribe();
+    let mut shutdown = state.hub.shutdown_signal();
+
+    if !state
+        .store
+        .update_hello(node.id, &hello_info(hello, observed), now())
+        .await
+        .context("storing the node's hello")?
+    {
+        send(
+            ws,
+            &ServerMessage::Removed {
+                reason: REMOVED_REASON.into(),
+            },
+        )
+        .await?;
+        close(ws, CLOSE_NORMAL, "removed").await;
+        return Ok(());
+    }
+    let (conn_id, mut control) = state.hub.register(node.id, node.account_id);
+    state.hub.notify(node.account_id);
+    tracing::info!(node = %node.name, %observed, "node connected");
+
+    let result = connected(
+        state,
+        node,
+        observed,
+        ws,
+        &mut changes,
+        &mut shutdown,
+        &mut control,
+    )
+    .await;
+
+    if state.hub.unregister(node.id, conn_id) {
+        if let Err(e) = state.store.touch_last_seen(node.id, now()).await {
+            tracing::warn!(node = %node.name, error = %e, "could not record last_seen");
+        }
+        state.hub.notify(node.account_id);
+        tracing::info!(node = %node.name, "node disconnected");
+    }
+    result
+}
+
+async fn connected(
+    state: &AppState,
+    node: &Node,
+    observed: IpAddr,
+    ws: &mut WebSocket,
+    changes: &mut tokio::sync::broadcast::Receiver<i64>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    control: &mut tokio::sync::mpsc::UnboundedReceiver<Control>,
+) -> anyhow::Result<()> {
+    let account_id = node.account_id;
+    let Some(map) = current_map(state, node).await? else {
+        send(
+            ws,
+            &ServerMessage::Removed {
+                reason: REMOVED_REASON.into(),
+            },
+        )
+        .await?;
+        close(ws, CLOSE_NORMAL, "removed").await;
+        return Ok(());
+    };
+    send(ws, &ServerMessage::Map(map.clone())).await?;
+    let mut sent = Sent::new(&map);
+
+    let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+
+    loop {
+        tokio::select! {
+            msg = ws.recv() => {
+                let msg = match msg {
+                    None => return Ok(()),
+                    Some(Err(e)) => return Err(e).context("reading from the node"),
+                    Some(Ok(m)) => m,
+                };
+                last_heard = Instant::now();
+                match msg {
+                    Message::Close(_) => return Ok(()),
+                    Message::Text(t) => match serde_json::from_str::<NodeMessage>(&t) {
+                        Ok(hello @ NodeMessage::Hello { .. }) => {
+                            let stored = state
+                                .store
+                                .update_hello(node.id, &hello_info(hello, observed), now())
+                                .await
+                                .context("storing the node's hello")?;
+                            if stored {
+                                state.hub.notify(account_id);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(node = %node.name, error = %e, "ignoring a malformed message");
+                        }
+                    },
+                    _ => {}
+                }
+            }
+            change = changes.recv() => {
+                let mut relevant = match change {
+                    Ok(id) => id == account_id,
+                    Err(RecvError::Lagged(_)) => true,
+                    Err(RecvError::Closed) => return Ok(()),
+                };
+                // Coalesce a burst of changes into one recomputation.
+                loop {
+                    match changes.try_recv() {
+                        Ok(id) => relevant |= id == account_id,
+                        Err(TryRecvError::Lagged(_)) => relevant = true,
+                        Err(TryRecvError::Empty) | Err(TryRecvError::Closed) => break,
+                    }
+                }
+                if !relevant {
+                    continue;
+                }
+                match current_map(state, node).await? {
+                    None => {
+                        send(ws, &ServerMessage::Removed { reason: REMOVED_REASON.into() }).await?;
+                        close(ws, CLOSE_NORMAL, "removed").await;
+                        return Ok(());
+                    }
+                    Some(next) => {
+                        if let Some(delta) = sent.delta_to(&next) {
+                            send(ws, &delta).await?;
+                        }
+                    }
+                }
+            }
+            order = control.recv() => {
+                match order {
+                    Some(Control::Removed(reason)) => {
+                        send(ws, &ServerMessage::Removed { reason }).await?;
+                        close(ws, CLOSE_NORMAL, "removed").await;
+                    }
+                    Some(Control::Replaced) | None => {
+                        close(ws, CLOSE_NORMAL, "replaced by a newer connection of the same node").await;
+                    }
+                }
+                return Ok(());
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() >= IDLE_TIMEOUT {
+                    close(ws, CLOSE_GOING_AWAY, "no traffic for 30 s").await;
+                    return Ok(());
+                }
+                ws.send(Message::Ping(Bytes::new())).await.context("pinging the node")?;
+            }
+            _ = shutdown.changed() => {
+                close(ws, CLOSE_GOING_AWAY, "server shutting down").await;
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,890 @@
+//! End-to-end tests of the control plane: real SQLite files in temp dirs, real
+//! HTTP on 127.0.0.1, real WebSocket clients.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use trellis_control::{Config, Server};
+use trellis_proto::{
+    AccountInfo, CreateAccountResponse, CreateTokenResponse, EnrollResponse, NodeInfo, NodeKey,
+    NodeMessage, ServerMessage,
+};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+struct Running {
+    url: String,
+    admin: String,
+    http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    async fn start(dir: &Path) -> Running {
+        let server = Server::start(Config {
+            data_dir: dir.to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            public_url: None,
+        })
+        .await
+        .unwrap();
+        let url = server.url();
+        let admin = std::fs::read_to_string(server.admin_key_path())
+            .unwrap()
+            .trim()
+            .to_string();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async move {
+            let _ = rx.await;
+        }));
+        Running {
+            url,
+            admin,
+            http: reqwest::Client::new(),
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("server stops within 10 s")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    fn api(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.url)
+    }
+
+    async fn post(&self, key: Option<&str>, path: &str, body: Value) -> (StatusCode, Value) {
+        let mut req = self.http.post(self.api(path)).json(&body);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+        };
+        (status, value)
+    }
+
+    async fn get(&self, key: Option<&str>, path: &str) -> (StatusCode, Value) {
+        let mut req = self.http.get(self.api(path));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap())
+    }
+
+    async fn delete(&self, key: &str, path: &str) -> (StatusCode, String) {
+        let resp = self
+            .http
+            .delete(self.api(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        (resp.status(), resp.text().await.unwrap())
+    }
+
+    async fn token(&self, key: &str, account: Option<&str>, body: Value) -> String {
+        let path = match account {
+            Some(a) => format!("/tokens?account={a}"),
+            None => "/tokens".to_string(),
+        };
+        let (status, v) = self.post(Some(key), &path, body).await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        let t: CreateTokenResponse = serde_json::from_value(v).unwrap();
+        t.token
+    }
+
+    async fn enroll_raw(&self, token: &str, key: u8, name: Option<&str>) -> (StatusCode, Value) {
+        let mut body = json!({
+            "token": token,
+            "public_key": NodeKey([key; 32]).to_string(),
+            "hostname": format!("Host_{key}.local"),
+            "os": "linux",
+            "version": "test",
+        });
+        if let Some(n) = name {
+            body["name"] = json!(n);
+        }
+        self.post(None, "/enroll", body).await
+    }
+
+    async fn enroll(&self, token: &str, key: u8, name: Option<&str>) -> EnrollResponse {
+        let (status, v) = self.enroll_raw(token, key, name).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        serde_json::from_value(v).unwrap()
+    }
+
+    async fn nodes(&self, key: &str, account: Option<&str>) -> Vec<NodeInfo> {
+        let path = match account {
+            Some(a) => format!("/nodes?account={a}"),
+            None => "/nodes".to_string(),
+        };
+        let (status, v) = self.get(Some(key), &path).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn ws_url(&self) -> String {
+        format!(
+            "{}/api/v1/node/stream",
+            self.url.replacen("http://", "ws://", 1)
+        )
+    }
+
+    async fn connect_raw(&self, secret: &str) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+        let mut req = self.ws_url().into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {secret}").parse().unwrap());
+        tokio_tungstenite::connect_async(req)
+            .await
+            .map(|(ws, _)| ws)
+    }
+
+    /// Connects, says hello, and returns the stream with its first message (the full map).
+    async fn connect(&self, secret: &str, port: u16, local: &[&str]) -> (Ws, ServerMessage) {
+        let mut ws = self.connect_raw(secret).await.unwrap();
+        hello(&mut ws, port, local).await;
+        let first = next_msg(&mut ws, Duration::from_secs(2)).await;
+        (ws, first)
+    }
+}
+
+async fn hello(ws: &mut Ws, port: u16, local: &[&str]) {
+    let hello = NodeMessage::Hello {
+        listen_port: port,
+        local_addrs: local.iter().map(|s| s.parse().unwrap()).collect(),
+        os: "linux".into(),
+        version: "test".into(),
+    };
+    ws.send(Message::Text(serde_json::to_string(&hello).unwrap().into()))
+        .await
+        .unwrap();
+}
+
+/// The next server message, skipping pings; panics after `within`.
+async fn next_msg(ws: &mut Ws, within: Duration) -> ServerMessage {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("a server message in time")
+            .expect("stream still open")
+            .expect("no websocket error");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Close(f) => panic!("stream closed: {f:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// Asserts that nothing but pings arrives for `quiet`.
+async fn expect_silence(ws: &mut Ws, quiet: Duration) {
+    let deadline = tokio::time::Instant::now() + quiet;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return,
+            Ok(Some(Ok(Message::Text(t)))) => panic!("unexpected message: {t}"),
+            Ok(Some(Ok(_))) => {}
+            Ok(other) => panic!("stream ended: {other:?}"),
+        }
+    }
+}
+
+/// Reads until the server closes the stream; returns the text messages seen before.
+async fn until_closed(ws: &mut Ws) -> Vec<ServerMessage> {
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), ws.next())
+            .await
+            .expect("the server closes the stream in time")
+        {
+            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return seen,
+            Some(Ok(Message::Text(t))) => seen.push(serde_json::from_str(&t).unwrap()),
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+fn map_of(msg: ServerMessage) -> trellis_proto::NetworkMap {
+    match msg {
+        ServerMessage::Map(m) => m,
+        other => panic!("expected a full map, got {other:?}"),
+    }
+}
+
+fn err_text(v: &Value) -> &str {
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error field in {v}"))
+}
+
+#[tokio::test]
+async fn first_start_writes_admin_key_and_restart_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let srv = Running::start(&data).await;
+
+    let dir_mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(dir_mode, 0o700);
+    let key_path = data.join("admin.key");
+    let mode = std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let key_file = std::fs::read_to_string(&key_path).unwrap();
+    assert_eq!(key_file.lines().count(), 1);
+    assert!(data.join("trellis.db").exists());
+
+    let (status, v) = srv.get(None, "/health").await;
+    assert_eq!((status, v), (StatusCode::OK, json!({"ok": true})));
+
+    let (status, v) = srv.get(Some(&srv.admin), "/accounts").await;
+    assert_eq!(status, StatusCode::OK);
+    let accounts: Vec<AccountInfo> = serde_json::from_value(v).unwrap();
+    assert_eq!(accounts.len(), 1);
+    assert_eq!(accounts[0].name, "default");
+    assert_eq!(accounts[0].cidr.to_string(), "100.64.0.0/16");
+
+    let (status, v) = srv
+        .post(Some(&srv.admin), "/accounts", json!({"name": "acme"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let acme: CreateAccountResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(acme.account.cidr.to_string(), "100.65.0.0/16");
+
+    let (status, v) = srv
+        .post(Some(&srv.admin), "/accounts", json!({"name": "acme"}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(err_text(&v).contains("already exists"));
+
+    let token = srv.token(&srv.admin, None, json!({"reusable": true})).await;
+    let a = srv.enroll(&token, 1, Some("alpha")).await;
+    let b = srv.enroll(&token, 2, None).await;
+    assert_eq!(a.ip.to_string(), "100.64.0.2");
+    assert_eq!(b.ip.to_string(), "100.64.0.3");
+    assert_eq!(b.name, "host-2");
+    let acme_token = srv.token(&acme.api_key, None, json!({})).await;
+    let c = srv.enroll(&acme_token, 3, None).await;
+    assert_eq!(c.ip.to_string(), "100.65.0.2");
+    assert_eq!(c.account, "acme");
+    srv.stop().await;
+
+    // Restart: same key file, same accounts, keys, nodes and addresses.
+    let srv = Running::start(&data).await;
+    assert_eq!(std::fs::read_to_string(&key_path).unwrap(), key_file);
+    let (status, v) = srv.get(Some(&srv.admin), "/accounts").await;
+    assert_eq!(status, StatusCode::OK);
+    let accounts: Vec<AccountInfo> = serde_json::from_value(v).unwrap();
+    let names: Vec<&str> = accounts.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["default", "acme"]);
+    let nodes = srv.nodes(&srv.admin, None).await;
+    let got: Vec<(String, String)> = nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.ip.to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("alpha".to_string(), "100.64.0.2".to_string()),
+            ("host-2".to_string(), "100.64.0.3".to_string())
+        ]
+    );
+    assert!(nodes.iter().all(|n| !n.online));
+    let acme_nodes = srv.nodes(&acme.api_key, None).await;
+    assert_eq!(acme_nodes.len(), 1);
+    // The token made before the restart still works.
+    let d = srv.enroll(&token, 4, None).await;
+    assert_eq!(d.ip.to_string(), "100.64.0.4");
+    // The node secret made before the restart still opens a stream.
+    let (_ws, first) = srv.connect(&a.node_secret, 51820, &[]).await;
+    assert_eq!(map_of(first).peers.len(), 2);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn single_use_expired_and_reusable_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+    let admin = srv.admin.clone();
+
+    // Single use: works once, then a clear refusal and nothing stored.
+    let once = srv.token(&admin, None, json!({})).await;
+    let first = srv.enroll(&once, 1, Some("web")).await;
+    assert_eq!(first.ip.to_string(), "100.64.0.2");
+    let (status, v) = srv.enroll_raw(&once, 2, Some("web")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(err_text(&v).contains("join token was already used"), "{v}");
+    assert_eq!(srv.nodes(&admin, None).await.len(), 1);
+
+    // Unknown token.
+    let (status, v) = srv.enroll_raw("trj_garbage", 3, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(err_text(&v).contains("not recognised"), "{v}");
+
+    // Same key twice.
+    let many = srv
+        .token(&admin, None, json!({"reusable": true, "tags": ["prod"]}))
+        .await;
+    let (status, v) = srv.enroll_raw(&many, 1, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+
+    // Bad requested name: 400, nothing stored, the single-use token not consumed.
+    let fresh = srv.token(&admin, None, json!({})).await;
+    let (status, v) = srv.enroll_raw(&fresh, 5, Some("Bad Name")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(err_text(&v).contains("invalid node name"), "{v}");
+    srv.enroll(&fresh, 5, Some("good")).await;
+
+    // Reusable: many nodes, distinct names and consecutive addresses.
+    let a = srv.enroll(&many, 10, Some("web")).await;
+    let b = srv.enroll(&many, 11, Some("web")).await;
+    assert_eq!((a.name.as_str(), b.name.as_str()), ("web-2", "web-3"));
+    let nodes = srv.nodes(&admin, None).await;
+    let ips: Vec<String> = nodes.iter().map(|n| n.ip.to_string()).collect();
+    assert_eq!(
+        ips,
+        ["100.64.0.2", "100.64.0.3", "100.64.0.4", "100.64.0.5"]
+    );
+    assert_eq!(nodes[2].tags, ["prod"]);
+
+    // ttl checks.
+    let (status, v) = srv
+        .post(Some(&admin), "/tokens", json!({"ttl_secs": 0}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(err_text(&v).contains("ttl"), "{v}");
+    let (status, _) = srv
+        .post(Some(&admin), "/tokens", json!({"ttl_secs": 400 * 86400}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Expired.
+    let short = srv
+        .token(&admin, None, json!({"ttl_secs": 1, "reusable": true}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, v) = srv.enroll_raw(&short, 20, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(err_text(&v).contains("join token expired at 20"), "{v}");
+    assert_eq!(srv.nodes(&admin, None).await.len(), 4);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn single_use_token_enrolls_exactly_one_node_under_concurrency() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+    let token = srv.token(&srv.admin, None, json!({})).await;
+    let mut tasks = Vec::new();
+    for k in 0..8u8 {
+        let http = srv.http.clone();
+        let url = srv.api("/enroll");
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            http.post(url)
+                .json(&json!({"token": token, "public_key": NodeKey([k + 1; 32]).to_string()}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let status = t.await.unwrap();
+        if status == StatusCode::OK {
+            ok += 1;
+        } else {
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(srv.nodes(&srv.admin, None).await.len(), 1);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn keys_act_only_on_their_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+    let admin = srv.admin.clone();
+    let (_, v) = srv
+        .post(Some(&admin), "/accounts", json!({"name": "acme"}))
+        .await;
+    let acme: CreateAccountResponse = serde_json::from_value(v).unwrap();
+    let (_, v) = srv
+        .post(Some(&admin), "/accounts", json!({"name": "beta"}))
+        .await;
+    let beta: CreateAccountResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(beta.account.cidr.to_string(), "100.66.0.0/16");
+
+    // No key / unknown key.
+    let (status, v) = srv.get(None, "/nodes").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(err_text(&v).contains("missing API key"));
+    let (status, v) = srv.get(Some("trk_nope"), "/nodes").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(err_text(&v).contains("not recognised"));
+
+    // An account key on another account.
+    for path in ["/nodes?account=default", "/nodes?account=beta"] {
+        let (status, v) = srv.get(Some(&acme.api_key), path).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+        assert!(err_text(&v).contains("cannot act on account"), "{v}");
+    }
+    let (status, _) = srv
+        .post(Some(&acme.api_key), "/tokens?account=beta", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = srv.delete(&acme.api_key, "/nodes/x?account=beta").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // ... and naming its own account is fine.
+    let (status, _) = srv.get(Some(&acme.api_key), "/nodes?account=acme").await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Only the operator creates and lists accounts.
+    let (status, _) = srv
+        .post(Some(&acme.api_key), "/accounts", json!({"name": "evil"}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = srv.get(Some(&acme.api_key), "/accounts").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // The operator acts on any account; tokens land in the named one.
+    let t = srv.token(&admin, Some("beta"), json!({})).await;
+    let n = srv.enroll(&t, 1, None).await;
+    assert_eq!(
+        (n.account.as_str(), n.ip.to_string().as_str()),
+        ("beta", "100.66.0.2")
+    );
+    assert_eq!(srv.nodes(&admin, Some("beta")).await.len(), 1);
+    assert_eq!(srv.nodes(&admin, None).await.len(), 0);
+    assert_eq!(srv.nodes(&acme.api_key, None).await.len(), 0);
+    let (status, v) = srv.get(Some(&admin), "/nodes?account=nosuch").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(err_text(&v).contains("no account named"));
+
+    // Account cidr checks.
+    for (body, want) in [
+        (
+            json!({"name": "x1", "cidr": "10.0.0.0/16"}),
+            "outside the overlay space",
+        ),
+        (
+            json!({"name": "x2", "cidr": "100.64.0.0/30"}),
+            "prefix length",
+        ),
+        (
+            json!({"name": "x3", "cidr": "100.70.1.0/16"}),
+            "not a network address",
+        ),
+        (json!({"name": "Bad_Name"}), "invalid account name"),
+        (json!({"name": "x4", "cidr": "banana"}), "invalid JSON body"),
+    ] {
+        let (status, v) = srv.post(Some(&admin), "/accounts", body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert!(err_text(&v).contains(want), "{v} lacks {want}");
+    }
+    // An explicit overlapping block is allowed.
+    let (status, v) = srv
+        .post(
+            Some(&admin),
+            "/accounts",
+            json!({"name": "twin", "cidr": "100.64.0.0/16"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let (_, v) = srv.get(Some(&admin), "/accounts").await;
+    assert_eq!(v.as_array().unwrap().len(), 4);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn bad_bodies_and_openapi() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+
+    let resp = srv
+        .http
+        .post(srv.api("/enroll"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let v: Value = resp.json().await.unwrap();
+    assert!(err_text(&v).contains("invalid JSON body"), "{v}");
+
+    let (status, v) = srv
+        .post(
+            None,
+            "/enroll",
+            json!({"token": "x", "public_key": "short"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(err_text(&v).contains("not a WireGuard public key"), "{v}");
+
+    let (status, v) = srv
+        .post(Some(&srv.admin), "/tokens", json!({"ttl_secs": "soon"}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(err_text(&v).contains("invalid JSON body"), "{v}");
+    let (status, v) = srv.post(Some(&srv.admin), "/accounts", json!({})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(err_text(&v).contains("missing field `name`"), "{v}");
+
+    let (status, v) = srv.get(None, "/no/such/thing").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(err_text(&v).contains("no such API endpoint"));
+
+    let (status, v) = srv.delete(&srv.admin, "/nodes/ghost").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(v.contains("no node named \\\"ghost\\\""), "{v}");
+
+    let (status, doc) = srv.get(None, "/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    for p in [
+        "/api/v1/health",
+        "/api/v1/accounts",
+        "/api/v1/tokens",
+        "/api/v1/nodes",
+        "/api/v1/nodes/{name}",
+        "/api/v1/enroll",
+        "/api/v1/node/stream",
+    ] {
+        assert!(paths.contains_key(p), "openapi lacks {p}");
+    }
+    assert!(doc["components"]["schemas"]["EnrollRequest"].is_object());
+    assert!(paths["/api/v1/accounts"]["post"].is_object());
+    assert!(paths["/api/v1/accounts"]["get"].is_object());
+
+    // Nothing was stored by any of it.
+    assert_eq!(srv.nodes(&srv.admin, None).await.len(), 0);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn maps_of_two_accounts_never_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+    let admin = srv.admin.clone();
+    // Same block on purpose: isolation must not depend on addresses.
+    let (_, v) = srv
+        .post(
+            Some(&admin),
+            "/accounts",
+            json!({"name": "acme", "cidr": "100.64.0.0/16"}),
+        )
+        .await;
+    let acme: CreateAccountResponse = serde_json::from_value(v).unwrap();
+
+    let td = srv.token(&admin, None, json!({"reusable": true})).await;
+    let ta = srv
+        .token(&acme.api_key, None, json!({"reusable": true}))
+        .await;
+    let d1 = srv.enroll(&td, 1, Some("d1")).await;
+    let d2 = srv.enroll(&td, 2, Some("d2")).await;
+    let a1 = srv.enroll(&ta, 3, Some("a1")).await;
+    let a2 = srv.enroll(&ta, 4, Some("a2")).await;
+    assert_eq!(
+        d1.ip, a1.ip,
+        "overlapping blocks hand out the same addresses"
+    );
+
+    let (mut wd, first) = srv.connect(&d1.node_secret, 51820, &["198.18.0.1"]).await;
+    let map = map_of(first);
+    assert_eq!(map.self_node.name, "d1");
+    assert_eq!(map.self_node.account, "default");
+    let peers: Vec<&str> = map.peers.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(peers, ["d2"]);
+    assert_eq!(map.peers[0].public_key, NodeKey([2; 32]));
+    assert_eq!(map.peers[0].allowed_ips[0].to_string(), "100.64.0.3/32");
+
+    let (mut wa, first) = srv.connect(&a1.node_secret, 51820, &["198.18.0.3"]).await;
+    let map = map_of(first);
+    let peers: Vec<&str> = map.peers.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(peers, ["a2"]);
+    assert_eq!(map.self_node.account, "acme");
+
+    // Activity in acme is never pushed to default's streams.
+    let (mut wa2, _) = srv.connect(&a2.node_secret, 51821, &["198.18.0.4"]).await;
+    match next_msg(&mut wa, Duration::from_secs(1)).await {
+        ServerMessage::Delta { upsert, .. } => {
+            assert_eq!(upsert.len(), 1);
+            assert_eq!(upsert[0].name, "a2");
+            assert!(upsert[0].online);
+            assert_eq!(upsert[0].endpoints[0].to_string(), "198.18.0.4:51821");
+        }
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    expect_silence(&mut wd, Duration::from_millis(500)).await;
+    let _ = wa2.close(None).await;
+    let _ = d2;
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn stream_gets_map_then_deltas_and_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+    let admin = srv.admin.clone();
+    let token = srv.token(&admin, None, json!({"reusable": true})).await;
+    let a = srv.enroll(&token, 1, Some("a")).await;
+
+    // Unknown secret: 401 before upgrading.
+    match srv.connect_raw("trn_nope").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 401);
+            let body = resp.body().clone().unwrap_or_default();
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            assert!(err_text(&v).contains("not recognised"), "{v}");
+        }
+        Err(e) => panic!("expected an HTTP 401, got {e}"),
+        Ok(_) => panic!("expected an HTTP 401, got a stream"),
+    }
+
+    let (mut wa, first) = srv
+        .connect(
+            &a.node_secret,
+            51820,
+            &["198.18.0.1", "127.0.0.1", "100.64.0.2"],
+        )
+        .await;
+    let map = map_of(first);
+    assert_eq!(map.self_node.ip.to_string(), "100.64.0.2");
+    assert_eq!(map.self_node.cidr.to_string(), "100.64.0.0/16");
+    assert!(map.peers.is_empty());
+    expect_silence(&mut wa, Duration::from_millis(300)).await;
+
+    // A new node: pushed within 1 s of its enrollment.
+    let started = std::time::Instant::now();
+    let b = srv.enroll(&token, 2, Some("b")).await;
+    match next_msg(&mut wa, Duration::from_secs(1)).await {
+        ServerMessage::Delta {
+            self_node,
+            upsert,
+            remove,
+        } => {
+            assert!(self_node.is_none());
+            assert!(remove.is_empty());
+            assert_eq!(upsert.len(), 1);
+            assert_eq!(upsert[0].name, "b");
+            assert_eq!(upsert[0].ip, b.ip);
+            assert!(!upsert[0].online);
+            assert!(upsert[0].endpoints.is_empty());
+        }
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // b connects: a sees it online with its endpoints; b's map holds a.
+    let (mut wb, first) = srv.connect(&b.node_secret, 41000, &["198.18.0.2"]).await;
+    let map = map_of(first);
+    assert_eq!(map.peers.len(), 1);
+    assert_eq!(map.peers[0].name, "a");
+    assert!(map.peers[0].online);
+    let eps: Vec<String> = map.peers[0]
+        .endpoints
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        eps,
+        ["198.18.0.1:51820"],
+        "loopback and overlay addresses are dropped"
+    );
+    match next_msg(&mut wa, Duration::from_secs(1)).await {
+        ServerMessage::Delta { upsert, .. } => {
+            assert!(upsert[0].online);
+            assert_eq!(upsert[0].endpoints[0].to_string(), "198.18.0.2:41000");
+        }
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    let nodes = srv.nodes(&admin, None).await;
+    assert!(nodes.iter().all(|n| n.online));
+    assert!(nodes.iter().all(|n| n.last_seen.is_some()));
+
+    // A changed hello updates endpoints.
+    hello(&mut wb, 41001, &["198.18.0.9"]).await;
+    match next_msg(&mut wa, Duration::from_secs(1)).await {
+        ServerMessage::Delta { upsert, .. } => {
+            assert_eq!(upsert[0].endpoints[0].to_string(), "198.18.0.9:41001");
+        }
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    // The same hello again changes nothing, so nothing is sent.
+    hello(&mut wb, 41001, &["198.18.0.9"]).await;
+    expect_silence(&mut wa, Duration::from_millis(300)).await;
+
+    // Delete b: a gets the removal within 1 s, b gets Removed and is closed.
+    let started = std::time::Instant::now();
+    let (status, _) = srv.delete(&admin, "/nodes/b").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    match next_msg(&mut wa, Duration::from_secs(1)).await {
+        ServerMessage::Delta { upsert, remove, .. } => {
+            assert!(upsert.is_empty());
+            assert_eq!(remove, [NodeKey([2; 32])]);
+        }
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let seen = until_closed(&mut wb).await;
+    assert!(
+        matches!(seen.last(), Some(ServerMessage::Removed { .. })),
+        "{seen:?}"
+    );
+
+    // Its secret no longer opens a stream, and its key cannot enroll again.
+    match srv.connect_raw(&b.node_secret).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!("expected an HTTP 401, got {:?}", other.map(|_| ())),
+    }
+    let (status, v) = srv.enroll_raw(&token, 2, Some("b")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(err_text(&v).contains("removed from the network"), "{v}");
+    let (status, _) = srv.delete(&admin, "/nodes/b").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // The next node reuses the freed address.
+    let c = srv.enroll(&token, 3, None).await;
+    assert_eq!(c.ip.to_string(), "100.64.0.3");
+    match next_msg(&mut wa, Duration::from_secs(1)).await {
+        ServerMessage::Delta { upsert, .. } => assert_eq!(upsert[0].name, "host-3"),
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn newer_connection_replaces_older_and_disconnect_goes_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+    let token = srv.token(&srv.admin, None, json!({"reusable": true})).await;
+    let a = srv.enroll(&token, 1, Some("a")).await;
+    let b = srv.enroll(&token, 2, Some("b")).await;
+
+    let (mut wa, _) = srv.connect(&a.node_secret, 1000, &["198.18.0.1"]).await;
+    let (mut wb1, _) = srv.connect(&b.node_secret, 2000, &["198.18.0.2"]).await;
+    match next_msg(&mut wa, Duration::from_secs(1)).await {
+        ServerMessage::Delta { upsert, .. } => assert!(upsert[0].online),
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    let (_wb2, first) = srv.connect(&b.node_secret, 2001, &["198.18.0.2"]).await;
+    assert_eq!(map_of(first).peers.len(), 1);
+    let seen = until_closed(&mut wb1).await;
+    assert!(seen.is_empty(), "{seen:?}");
+    // a sees only the port change; b never went offline.
+    match next_msg(&mut wa, Duration::from_secs(1)).await {
+        ServerMessage::Delta { upsert, .. } => {
+            assert!(upsert[0].online);
+            assert_eq!(upsert[0].endpoints[0].port(), 2001);
+        }
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    expect_silence(&mut wa, Duration::from_millis(300)).await;
+    assert!(srv.nodes(&srv.admin, None).await.iter().all(|n| n.online));
+
+    drop(_wb2);
+    match next_msg(&mut wa, Duration::from_secs(1)).await {
+        ServerMessage::Delta { upsert, .. } => assert!(!upsert[0].online),
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    let nodes = srv.nodes(&srv.admin, None).await;
+    let b_info = nodes.iter().find(|n| n.name == "b").unwrap();
+    assert!(!b_info.online);
+    // Endpoints persist while offline.
+    assert_eq!(b_info.endpoints[0].to_string(), "198.18.0.2:2001");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn stream_without_hello_is_closed_after_ten_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+    let token = srv.token(&srv.admin, None, json!({})).await;
+    let a = srv.enroll(&token, 1, Some("a")).await;
+    let mut ws = srv.connect_raw(&a.node_secret).await.unwrap();
+    // Garbage is ignored, not fatal.
+    ws.send(Message::Text("{\"type\":\"nonsense\"}".into()))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!srv.nodes(&srv.admin, None).await[0].online);
+    let closed = tokio::time::timeout(Duration::from_secs(12), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => return None,
+                Some(Ok(Message::Close(f))) => return f,
+                Some(Ok(Message::Text(t))) => panic!("unexpected message before hello: {t}"),
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .expect("closed within 12 s");
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_secs(9), "{elapsed:?}");
+    let frame = closed.expect("a close frame with a reason");
+    assert!(frame.reason.contains("hello"), "{frame:?}");
+
+    // Wrong method on a known path: JSON 405.
+    let resp = srv.http.put(srv.api("/enroll")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let v: Value = resp.json().await.unwrap();
+    assert!(err_text(&v).contains("HTTP method"), "{v}");
+    srv.stop().await;
+}
+
+/// Takes ~31 s: run with `cargo test -p trellis-control -- --ignored`.
+#[tokio::test]
+#[ignore]
+async fn silent_stream_is_closed_after_thirty_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+    let token = srv.token(&srv.admin, None, json!({})).await;
+    let a = srv.enroll(&token, 1, Some("a")).await;
+    let (mut ws, _) = srv.connect(&a.node_secret, 1, &[]).await;
+    let started = std::time::Instant::now();
+    // Not reading means not answering pings.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert!(srv.nodes(&srv.admin, None).await[0].online);
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(!srv.nodes(&srv.admin, None).await[0].online);
+    let seen = until_closed(&mut ws).await;
+    assert!(seen.is_empty(), "{seen:?}");
+    assert!(started.elapsed() < Duration::from_secs(35));
+    srv.stop().await;
+}
