@@ -22,7 +22,7 @@ pub fn respond(datagram: &[u8], from: SocketAddr, out: &mut [u8]) -> Option<usiz
     let cookie = u32::from_be_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]);
     if msg_type != BINDING_REQUEST
         || cookie != MAGIC_COOKIE
-        || msg_len % 4 != 0
+        || !msg_len.is_multiple_of(4)
         || HEADER_LEN + msg_len != datagram.len()
     {
         return None;

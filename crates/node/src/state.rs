@@ -163,7 +163,11 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         fs::write(tmp.join("node.json"), "{garbage").unwrap();
-        let err = sd.load().unwrap_err().to_string();
+        let err = sd
+            .load()
+            .err()
+            .expect("damaged state is refused")
+            .to_string();
         assert!(err.contains("damaged"), "{err}");
         fs::remove_dir_all(&tmp).unwrap();
     }

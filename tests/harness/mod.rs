@@ -1,0 +1,1445 @@
+//! End-to-end test harness: isolated network labs made of Linux network
+//! namespaces, plus helpers that drive the `trellis` binary through its CLI
+//! contract (see DESIGN.md).
+//!
+//! Network rules (enforced by construction):
+//! - every namespace, bridge and veth is created by the lab, inside
+//!   namespaces it owns; nothing is ever created in, or attached to, the root
+//!   namespace, so labs are fully isolated and may run in parallel with the
+//!   same addresses;
+//! - underlay addresses come from 198.18.0.0/15, overlay from 100.64.0.0/10;
+//! - traffic helpers only talk to hosts inside the lab's namespaces.
+//!
+//! Everything a lab creates (processes, namespaces, temp dirs) is released in
+//! `Drop`, also while unwinding from a failed assertion; on such a panic the
+//! tails of all process logs are printed.
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `trellis` binary built by cargo for this test target.
+pub fn trellis_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_trellis")
+}
+
+/// Port every test listener uses on the overlay.
+pub const APP_PORT: u16 = 7000;
+/// Size of the payload sent by [`tcp_exchange`] in the tests.
+pub const PAYLOAD: usize = 256 * 1024;
+/// Lines of each log shown when a test fails.
+const LOG_TAIL_LINES: usize = 50;
+/// How many labs may exist at once (the CI machine has 2 cores).
+const MAX_LABS: usize = 2;
+
+// ---------------------------------------------------------------------------
+// Privileges
+// ---------------------------------------------------------------------------
+
+fn in_ci() -> bool {
+    std::env::var("CI")
+        .map(|v| v.eq_ignore_ascii_case("true") || v == "1")
+        .unwrap_or(false)
+}
+
+/// Checks that this process can build network labs (root, /dev/net/tun,
+/// `ip netns add`). Prints `SKIPPED: <why>` and returns false when it cannot,
+/// except under `CI=true`, where skipping is a failure and this panics.
+pub fn require_privileges() -> bool {
+    static RESULT: Mutex<Option<Result<(), String>>> = Mutex::new(None);
+    let res = {
+        let mut g = RESULT.lock().unwrap_or_else(|e| e.into_inner());
+        g.get_or_insert_with(probe_privileges).clone()
+    };
+    match res {
+        Ok(()) => true,
+        Err(why) => {
+            if in_ci() {
+                panic!("CI=true and the e2e tests cannot run: {why}");
+            }
+            println!("SKIPPED: {why}");
+            eprintln!("SKIPPED: {why}");
+            false
+        }
+    }
+}
+
+fn probe_privileges() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(format!(
+            "end-to-end tests need root (network namespaces, TUN); running as uid {euid}"
+        ));
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Err("/dev/net/tun is missing (no TUN support)".into());
+    }
+    let name = format!("tre-{}-probe", std::process::id());
+    let out = Command::new("ip")
+        .args(["netns", "add", &name])
+        .output()
+        .map_err(|e| format!("cannot run `ip` (iproute2 missing?): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`ip netns add` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let _ = Command::new("ip").args(["netns", "del", &name]).output();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Global lab bookkeeping: stale namespace cleanup, concurrency limit
+// ---------------------------------------------------------------------------
+
+static LAB_COUNTER: AtomicUsize = AtomicUsize::new(0);
+static STALE_CLEANUP: Once = Once::new();
+static SLOTS: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+struct LabPermit;
+
+impl LabPermit {
+    fn acquire() -> LabPermit {
+        let (lock, cv) = &SLOTS;
+        let mut used = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while *used >= MAX_LABS {
+            used = cv.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += 1;
+        LabPermit
+    }
+}
+
+impl Drop for LabPermit {
+    fn drop(&mut self) {
+        let (lock, cv) = &SLOTS;
+        let mut used = lock.lock().unwrap_or_else(|e| e.into_inner());
+        *used -= 1;
+        cv.notify_one();
+    }
+}
+
+/// All namespace names currently present (`ip netns list`).
+pub fn list_netns() -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output();
+    match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Deletes namespaces `tre-<pid>-*` left behind by test processes that no
+/// longer exist (or by an earlier process that had our PID).
+fn cleanup_stale_namespaces() {
+    let me = std::process::id();
+    for ns in list_netns() {
+        let Some(rest) = ns.strip_prefix("tre-") else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let alive = Path::new(&format!("/proc/{pid}")).exists();
+        if pid == me || !alive {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Lab
+// ---------------------------------------------------------------------------
+
+/// A network namespace holding one host of the lab.
+#[derive(Clone, Debug)]
+pub struct Host {
+    /// Short name given by the test ("server", "n1", ...).
+    pub name: String,
+    /// Namespace name (`tre-<pid>-<lab>-<name>`).
+    pub ns: String,
+    /// Underlay address on the lab switch.
+    pub addr: Ipv4Addr,
+}
+
+/// A namespace holding the L2 switch (bridge `br0`).
+#[derive(Clone, Debug)]
+pub struct Switch {
+    pub ns: String,
+}
+
+/// Handle to a process started by the lab.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcId(usize);
+
+struct ProcEntry {
+    label: String,
+    log: PathBuf,
+    child: Option<Child>,
+    exit: Option<ExitStatus>,
+}
+
+#[derive(Default)]
+struct LabState {
+    namespaces: Vec<String>,
+    procs: Vec<ProcEntry>,
+    switch: Option<Switch>,
+    veths: usize,
+    cmds: usize,
+}
+
+/// Output of a finished one-shot command.
+#[derive(Debug, Clone)]
+pub struct CmdOutput {
+    pub cmdline: String,
+    /// None when the command was killed after its timeout.
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CmdOutput {
+    pub fn success(&self) -> bool {
+        self.status.map(|s| s.success()).unwrap_or(false)
+    }
+    pub fn describe(&self) -> String {
+        format!(
+            "`{}` -> {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.cmdline,
+            match self.status {
+                Some(s) => format!("{s}"),
+                None => "TIMED OUT (killed)".into(),
+            },
+            self.stdout.trim_end(),
+            self.stderr.trim_end()
+        )
+    }
+}
+
+/// One isolated test topology. Owns its namespaces, processes and temp dir.
+pub struct Lab {
+    /// `tre-<pid>-<n>`; every namespace name starts with it.
+    pub prefix: String,
+    dir: PathBuf,
+    state: Mutex<LabState>,
+    failed: AtomicBool,
+    _permit: LabPermit,
+}
+
+impl Lab {
+    /// Creates an empty lab (waits while [`MAX_LABS`] labs exist).
+    pub fn new() -> Lab {
+        STALE_CLEANUP.call_once(cleanup_stale_namespaces);
+        let permit = LabPermit::acquire();
+        let n = LAB_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("tre-{}-{}", std::process::id(), n);
+        let dir = std::env::temp_dir().join(format!("trellis-e2e-{prefix}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("logs")).expect("create lab dir");
+        Lab {
+            prefix,
+            dir,
+            state: Mutex::new(LabState::default()),
+            failed: AtomicBool::new(false),
+            _permit: permit,
+        }
+    }
+
+    fn st(&self) -> std::sync::MutexGuard<'_, LabState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lab's temp dir (removed on drop).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A fresh path under the lab dir (not created).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn add_netns(&self, short: &str) -> String {
+        let ns = format!("{}-{}", self.prefix, short);
+        sh(&["ip", "netns", "add", &ns]).unwrap_or_else(|e| self.fail(&e));
+        self.st().namespaces.push(ns.clone());
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]).unwrap_or_else(|e| self.fail(&e));
+        ns
+    }
+
+    /// The lab's L2 switch: a namespace with a bridge `br0` (created once).
+    pub fn switch(&self) -> Switch {
+        if let Some(sw) = self.st().switch.clone() {
+            return sw;
+        }
+        let ns = self.add_netns("sw");
+        for args in [
+            vec!["ip", "-n", &ns, "link", "add", "br0", "type", "bridge"],
+            vec!["ip", "-n", &ns, "link", "set", "br0", "up"],
+        ] {
+            sh(&args).unwrap_or_else(|e| self.fail(&e));
+        }
+        let sw = Switch { ns };
+        self.st().switch = Some(sw.clone());
+        sw
+    }
+
+    /// A host namespace plugged into the lab switch with `addr` (CIDR form,
+    /// from 198.18.0.0/15) on its `eth0`.
+    pub fn host(&self, name: &str, cidr: &str) -> Host {
+        let sw = self.switch();
+        self.host_on(&sw, name, cidr)
+    }
+
+    /// Like [`Lab::host`] on a given switch.
+    pub fn host_on(&self, sw: &Switch, name: &str, cidr: &str) -> Host {
+        let addr: Ipv4Addr = cidr
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("bad address {cidr}"));
+        assert!(
+            in_net(addr, Ipv4Addr::new(198, 18, 0, 0), 15),
+            "underlay address {addr} is outside 198.18.0.0/15"
+        );
+        let ns = self.add_netns(name);
+        let port = {
+            let mut st = self.st();
+            st.veths += 1;
+            format!("vp{}", st.veths)
+        };
+        // Both ends are created directly inside their namespaces: no name
+        // ever exists in the root namespace.
+        let cmds: Vec<Vec<&str>> = vec![
+            vec![
+                "ip", "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port,
+                "netns", &sw.ns,
+            ],
+            vec!["ip", "-n", &sw.ns, "link", "set", &port, "master", "br0"],
+            vec!["ip", "-n", &sw.ns, "link", "set", &port, "up"],
+            vec!["ip", "-n", &ns, "addr", "add", cidr, "dev", "eth0"],
+            vec!["ip", "-n", &ns, "link", "set", "eth0", "up"],
+        ];
+        for c in cmds {
+            sh(&c).unwrap_or_else(|e| self.fail(&e));
+        }
+        Host {
+            name: name.to_string(),
+            ns,
+            addr,
+        }
+    }
+
+    // -- processes ---------------------------------------------------------
+
+    /// Starts `program args...` inside `host`'s namespace (via
+    /// `ip netns exec`), stdout+stderr into `logs/<label>.log`.
+    pub fn spawn(&self, host: &Host, label: &str, program: &str, args: &[&str]) -> ProcId {
+        let log = {
+            let st = self.st();
+            let k = st.procs.iter().filter(|p| p.label == label).count();
+            let file = if k == 0 {
+                format!("{label}.log")
+            } else {
+                format!("{label}.{k}.log")
+            };
+            self.dir.join("logs").join(file)
+        };
+        let f = File::create(&log).expect("create log");
+        let f2 = f.try_clone().expect("clone log fd");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &host.ns, program])
+            .args(args)
+            .env("RUST_BACKTRACE", "1")
+            .env_remove("TRELLIS_TOKEN")
+            .env_remove("TRELLIS_SERVER")
+            .env_remove("TRELLIS_API_KEY")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(f)
+            .stderr(f2);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| self.fail(&format!("spawn {program} in {}: {e}", host.ns)));
+        let mut st = self.st();
+        st.procs.push(ProcEntry {
+            label: label.to_string(),
+            log,
+            child: Some(child),
+            exit: None,
+        });
+        ProcId(st.procs.len() - 1)
+    }
+
+    /// Exit status if the process has exited (non-blocking).
+    pub fn exited(&self, id: ProcId) -> Option<ExitStatus> {
+        let mut st = self.st();
+        let p = &mut st.procs[id.0];
+        if let Some(s) = p.exit {
+            return Some(s);
+        }
+        if let Some(c) = p.child.as_mut() {
+            if let Ok(Some(s)) = c.try_wait() {
+                p.exit = Some(s);
+                p.child = None;
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    pub fn is_running(&self, id: ProcId) -> bool {
+        self.exited(id).is_none()
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&self, id: ProcId, timeout: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.exited(id) {
+                return Some(s);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal(&self, id: ProcId, sig: libc::c_int) {
+        let st = self.st();
+        if let Some(c) = st.procs[id.0].child.as_ref() {
+            // SAFETY: kill(2) on a child we own and have not reaped yet.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, sig);
+            }
+        }
+    }
+
+    /// SIGTERM, wait up to 10 s, then SIGKILL. Returns the exit status and
+    /// whether SIGKILL was needed.
+    pub fn stop(&self, id: ProcId) -> (Option<ExitStatus>, bool) {
+        if let Some(s) = self.exited(id) {
+            return (Some(s), false);
+        }
+        self.signal(id, libc::SIGTERM);
+        if let Some(s) = self.wait_exit(id, Duration::from_secs(10)) {
+            return (Some(s), false);
+        }
+        eprintln!(
+            "[harness] {} did not exit within 10 s of SIGTERM; sending SIGKILL",
+            self.st().procs[id.0].label
+        );
+        self.signal(id, libc::SIGKILL);
+        (self.wait_exit(id, Duration::from_secs(5)), true)
+    }
+
+    /// Sends SIGKILL (crash simulation) and reaps.
+    pub fn kill(&self, id: ProcId) {
+        self.signal(id, libc::SIGKILL);
+        let _ = self.wait_exit(id, Duration::from_secs(5));
+    }
+
+    pub fn log_path(&self, id: ProcId) -> PathBuf {
+        self.st().procs[id.0].log.clone()
+    }
+
+    pub fn log_of(&self, id: ProcId) -> String {
+        fs::read_to_string(self.log_path(id)).unwrap_or_default()
+    }
+
+    /// Runs a one-shot command in `ns` (root namespace is never used) and
+    /// waits for it, killing it after `timeout`.
+    pub fn run(&self, ns: &str, program: &str, args: &[&str], timeout: Duration) -> CmdOutput {
+        let k = {
+            let mut st = self.st();
+            st.cmds += 1;
+            st.cmds
+        };
+        let cmddir = self.dir.join("cmds");
+        let _ = fs::create_dir_all(&cmddir);
+        let out_p = cmddir.join(format!("{k}.out"));
+        let err_p = cmddir.join(format!("{k}.err"));
+        let cmdline = format!("ip netns exec {ns} {program} {}", args.join(" "));
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, program])
+            .args(args)
+            .env("RUST_BACKTRACE", "1")
+            .env_remove("TRELLIS_TOKEN")
+            .env_remove("TRELLIS_SERVER")
+            .env_remove("TRELLIS_API_KEY")
+            .stdin(Stdio::null())
+            .stdout(File::create(&out_p).expect("create out file"))
+            .stderr(File::create(&err_p).expect("create err file"))
+            .spawn()
+            .unwrap_or_else(|e| self.fail(&format!("spawn `{cmdline}`: {e}")));
+        let end = Instant::now() + timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) if Instant::now() < end => thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+            }
+        };
+        let out = CmdOutput {
+            cmdline,
+            status,
+            stdout: fs::read_to_string(&out_p).unwrap_or_default(),
+            stderr: fs::read_to_string(&err_p).unwrap_or_default(),
+        };
+        // Keep a transcript of every command for failure reports.
+        if let Ok(mut f) = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("logs").join("commands.log"))
+        {
+            let _ = writeln!(f, "{}\n", out.describe());
+        }
+        out
+    }
+
+    // -- failure reporting -------------------------------------------------
+
+    /// The last [`LOG_TAIL_LINES`] lines of every log of the lab.
+    pub fn log_tails(&self) -> String {
+        let mut s = String::new();
+        let mut files: Vec<PathBuf> = fs::read_dir(self.dir.join("logs"))
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.sort();
+        for f in files {
+            let text = fs::read_to_string(&f).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let start = lines.len().saturating_sub(LOG_TAIL_LINES);
+            let _ = writeln!(
+                s,
+                "===== {} (last {} of {} lines) =====",
+                f.file_name().unwrap_or_default().to_string_lossy(),
+                lines.len() - start,
+                lines.len()
+            );
+            for l in &lines[start..] {
+                let _ = writeln!(s, "{l}");
+            }
+        }
+        s
+    }
+
+    /// Panics with `msg` followed by the tails of all logs.
+    pub fn fail(&self, msg: &str) -> ! {
+        self.failed.store(true, Ordering::SeqCst);
+        panic!("{msg}\n\n{}", self.log_tails());
+    }
+
+    /// Unwraps `r` or fails the test with the error, `ctx` and the logs.
+    pub fn check<T, E: std::fmt::Display>(&self, r: Result<T, E>, ctx: &str) -> T {
+        match r {
+            Ok(v) => v,
+            Err(e) => self.fail(&format!("{ctx}: {e}")),
+        }
+    }
+
+    /// Asserts `cond` or fails with `msg` and the logs.
+    pub fn ensure(&self, cond: bool, msg: impl AsRef<str>) {
+        if !cond {
+            self.fail(msg.as_ref());
+        }
+    }
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Lab::new()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if thread::panicking() && !self.failed.load(Ordering::SeqCst) {
+            eprintln!(
+                "[harness] test panicked; logs of lab {}:\n{}",
+                self.prefix,
+                self.log_tails()
+            );
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // SIGTERM everyone, give them ~2 s, then SIGKILL the rest.
+        for p in st.procs.iter_mut() {
+            if let Some(c) = p.child.as_mut() {
+                if let Ok(None) = c.try_wait() {
+                    // SAFETY: signalling our own unreaped child.
+                    unsafe {
+                        libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+                    }
+                }
+            }
+        }
+        let end = Instant::now() + Duration::from_secs(2);
+        loop {
+            let mut alive = false;
+            for p in st.procs.iter_mut() {
+                if let Some(c) = p.child.as_mut() {
+                    match c.try_wait() {
+                        Ok(Some(_)) | Err(_) => p.child = None,
+                        Ok(None) => alive = true,
+                    }
+                }
+            }
+            if !alive || Instant::now() >= end {
+                break;
+            }
+            thread::sleep(Duration::from_millis(25));
+        }
+        for p in st.procs.iter_mut() {
+            if let Some(mut c) = p.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        for ns in st.namespaces.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
+        if std::env::var_os("TRELLIS_E2E_KEEP").is_some() {
+            eprintln!("[harness] keeping {}", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Runs a command in the root namespace that only manipulates lab-owned
+/// namespaces (`ip netns add/del`, `ip -n <ns> ...`).
+fn sh(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("`{}`: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+pub fn in_net(a: Ipv4Addr, net: Ipv4Addr, len: u32) -> bool {
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    (u32::from(a) & mask) == (u32::from(net) & mask)
+}
+
+// ---------------------------------------------------------------------------
+// Running code inside a namespace (thread-local setns)
+// ---------------------------------------------------------------------------
+
+/// Runs `f` on a fresh thread that has entered namespace `ns` (setns only
+/// affects the calling thread; sockets keep the namespace they were made in).
+pub fn in_netns<T, F>(ns: &str, f: F) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, String> + Send + 'static,
+{
+    let ns = ns.to_string();
+    thread::Builder::new()
+        .name(format!("netns-{ns}"))
+        .spawn(move || {
+            enter_netns(&ns)?;
+            f()
+        })
+        .map_err(|e| format!("spawn thread: {e}"))?
+        .join()
+        .map_err(|_| "thread in namespace panicked".to_string())?
+}
+
+fn enter_netns(ns: &str) -> Result<(), String> {
+    let path = format!("/var/run/netns/{ns}");
+    let f = File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
+    // SAFETY: valid fd of a netns file; affects only this thread.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(format!(
+            "setns({path}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Polls `f` every 100 ms until it returns Ok or `deadline` passes; returns
+/// the last error then. `f` is always tried at least once.
+pub fn eventually<T>(
+    deadline: Instant,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                if Instant::now() >= deadline {
+                    return Err(e);
+                }
+            }
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn secs(s: f64) -> Instant {
+    Instant::now() + Duration::from_secs_f64(s)
+}
+
+// ---------------------------------------------------------------------------
+// TCP traffic helpers
+// ---------------------------------------------------------------------------
+//
+// Protocol: client sends u32 length + payload; the listener reads it all and
+// answers u32 name length + its name + u32 length + payload with every byte
+// XOR 0xA5 and the order reversed. The client checks the transform, so data
+// must have flowed both ways intact.
+
+fn transform(data: &[u8]) -> Vec<u8> {
+    data.iter().rev().map(|b| b ^ 0xA5).collect()
+}
+
+/// A TCP listener inside a namespace answering the exchange protocol with
+/// its `name`. Stops when dropped.
+pub struct EchoListener {
+    pub addr: SocketAddr,
+    pub name: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl Drop for EchoListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Binds `addr` inside `ns` (e.g. 0.0.0.0:7000) and serves the exchange
+/// protocol, answering with `name`.
+pub fn tcp_listen(ns: &str, addr: SocketAddr, name: &str) -> Result<EchoListener, String> {
+    let l = in_netns(ns, move || {
+        TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))
+    })?;
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (stop2, acc2, name2) = (stop.clone(), accepted.clone(), name.to_string());
+    let thread = thread::spawn(move || {
+        while !stop2.load(Ordering::SeqCst) {
+            match l.accept() {
+                Ok((s, _)) => {
+                    acc2.fetch_add(1, Ordering::SeqCst);
+                    let n = name2.clone();
+                    thread::spawn(move || {
+                        let _ = serve_conn(s, &n);
+                    });
+                }
+                Err(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+    Ok(EchoListener {
+        addr,
+        name: name.to_string(),
+        stop,
+        thread: Some(thread),
+        accepted,
+    })
+}
+
+fn serve_conn(mut s: TcpStream, name: &str) -> std::io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.set_write_timeout(Some(Duration::from_secs(20)))?;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let n = u32::from_be_bytes(len) as usize;
+    if n > 64 << 20 {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; n];
+    s.read_exact(&mut buf)?;
+    let mut out = Vec::with_capacity(n + name.len() + 8);
+    out.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(&(n as u32).to_be_bytes());
+    out.extend_from_slice(&transform(&buf));
+    s.write_all(&out)?;
+    s.flush()?;
+    let _ = s.shutdown(Shutdown::Write);
+    Ok(())
+}
+
+/// From namespace `ns_from`, connects to `to` (timeout `timeout` for connect
+/// and each read/write), sends `size` bytes and checks the transformed
+/// answer. Returns the name the listener answered with.
+pub fn tcp_exchange(
+    ns_from: &str,
+    to: SocketAddr,
+    size: usize,
+    timeout: Duration,
+) -> Result<String, String> {
+    in_netns(ns_from, move || {
+        let started = Instant::now();
+        let mut s =
+            TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect {to}: {e}"))?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        s.set_write_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        s.set_nodelay(true).ok();
+        let payload: Vec<u8> = (0..size)
+            .map(|i| (i as u32).wrapping_mul(2654435761).to_be_bytes()[0])
+            .collect();
+        let mut msg = Vec::with_capacity(size + 4);
+        msg.extend_from_slice(&(size as u32).to_be_bytes());
+        msg.extend_from_slice(&payload);
+        s.write_all(&msg)
+            .map_err(|e| format!("send to {to}: {e}"))?;
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len)
+            .map_err(|e| format!("read reply header from {to}: {e}"))?;
+        let nl = u32::from_be_bytes(len) as usize;
+        if nl > 256 {
+            return Err(format!("bad name length {nl} from {to}"));
+        }
+        let mut name = vec![0u8; nl];
+        s.read_exact(&mut name)
+            .map_err(|e| format!("read name from {to}: {e}"))?;
+        s.read_exact(&mut len)
+            .map_err(|e| format!("read len from {to}: {e}"))?;
+        let n = u32::from_be_bytes(len) as usize;
+        if n != size {
+            return Err(format!("{to} answered {n} bytes, sent {size}"));
+        }
+        let mut back = vec![0u8; n];
+        s.read_exact(&mut back).map_err(|e| {
+            format!(
+                "read payload from {to} (after {:?}): {e}",
+                started.elapsed()
+            )
+        })?;
+        if back != transform(&payload) {
+            return Err(format!("{to} answered corrupted data"));
+        }
+        Ok(String::from_utf8_lossy(&name).into_owned())
+    })
+}
+
+/// Raw HTTP/1.0 GET from inside `ns`; returns (status code, body).
+pub fn http_get(
+    ns: &str,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    let path = path.to_string();
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, timeout)
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        s.set_write_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        write!(
+            s,
+            "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .map_err(|e| e.to_string())?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp)
+            .map_err(|e| format!("read from {addr}: {e}"))?;
+        let text = String::from_utf8_lossy(&resp).into_owned();
+        let code = text
+            .lines()
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("no HTTP status line in {text:?}"))?;
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        Ok((code, body))
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Trellis helpers (CLI contract of DESIGN.md)
+// ---------------------------------------------------------------------------
+
+/// A running (or stopped) `trellis server`.
+#[derive(Clone, Debug)]
+pub struct Server {
+    pub host: Host,
+    pub data_dir: PathBuf,
+    pub url: String,
+    pub listen: SocketAddr,
+    pub edge_udp: SocketAddr,
+    pub proc: ProcId,
+}
+
+impl Server {
+    /// The operator key from DATA_DIR/admin.key.
+    pub fn admin_key(&self) -> String {
+        let p = self.data_dir.join("admin.key");
+        fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+            .trim()
+            .to_string()
+    }
+}
+
+/// A `trellis join` agent.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub host: Host,
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub server_url: String,
+    pub proc: ProcId,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct TokenOpts<'a> {
+    pub reusable: bool,
+    pub ttl: Option<&'a str>,
+    pub account: Option<&'a str>,
+    /// Defaults to the operator key.
+    pub api_key: Option<&'a str>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PeerStatus {
+    pub name: String,
+    pub ip: Option<Ipv4Addr>,
+    pub path: String,
+    pub endpoint: String,
+    pub last_handshake_secs: Option<f64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Status {
+    pub name: String,
+    pub ip: Option<Ipv4Addr>,
+    pub peers: Vec<PeerStatus>,
+    pub raw: Value,
+}
+
+fn parse_ip(v: &Value) -> Option<Ipv4Addr> {
+    v.as_str()
+        .and_then(|s| s.split('/').next())
+        .and_then(|s| s.parse().ok())
+}
+
+impl Status {
+    pub fn parse(text: &str) -> Result<Status, String> {
+        let v: Value = serde_json::from_str(text.trim())
+            .map_err(|e| format!("status is not JSON ({e}): {text:?}"))?;
+        let peers = v["peers"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|p| PeerStatus {
+                        name: p["name"].as_str().unwrap_or_default().to_string(),
+                        ip: parse_ip(&p["ip"]),
+                        path: p["path"].as_str().unwrap_or_default().to_string(),
+                        endpoint: p["endpoint"].as_str().unwrap_or_default().to_string(),
+                        last_handshake_secs: p["last_handshake_secs"].as_f64(),
+                        rx_bytes: p["rx_bytes"].as_u64().unwrap_or(0),
+                        tx_bytes: p["tx_bytes"].as_u64().unwrap_or(0),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Status {
+            name: v["name"].as_str().unwrap_or_default().to_string(),
+            ip: parse_ip(&v["ip"]),
+            peers,
+            raw: v,
+        })
+    }
+}
+
+const CMD_TIMEOUT: Duration = Duration::from_secs(30);
+const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
+const NODE_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Lab {
+    /// Starts `trellis server` on `host` (listen :8080, edge UDP :3478) with a
+    /// data dir inside the lab and waits until GET /api/v1/health answers 200.
+    pub fn start_server(&self, host: &Host) -> Server {
+        let data_dir = self.path(&format!("{}-data", host.name));
+        let listen = SocketAddr::from((host.addr, 8080));
+        let edge_udp = SocketAddr::from((host.addr, 3478));
+        let mut srv = Server {
+            host: host.clone(),
+            data_dir,
+            url: format!("http://{listen}"),
+            listen,
+            edge_udp,
+            proc: ProcId(usize::MAX),
+        };
+        self.restart_server(&mut srv);
+        srv
+    }
+
+    /// (Re)starts the server process with the same data dir and addresses.
+    pub fn restart_server(&self, srv: &mut Server) {
+        if srv.proc.0 != usize::MAX && self.is_running(srv.proc) {
+            self.stop(srv.proc);
+        }
+        let dd = srv.data_dir.to_string_lossy().into_owned();
+        let (l, e) = (srv.listen.to_string(), srv.edge_udp.to_string());
+        srv.proc = self.spawn(
+            &srv.host,
+            "server",
+            trellis_bin(),
+            &[
+                "server",
+                "--data-dir",
+                &dd,
+                "--listen",
+                &l,
+                "--edge-udp",
+                &e,
+            ],
+        );
+        let r = eventually(Instant::now() + SERVER_START_TIMEOUT, || {
+            if let Some(st) = self.exited(srv.proc) {
+                return Err(format!("server exited early: {st}"));
+            }
+            match http_get(
+                &srv.host.ns,
+                srv.listen,
+                "/api/v1/health",
+                Duration::from_secs(2),
+            ) {
+                Ok((200, body)) => Ok(body),
+                Ok((code, body)) => Err(format!("health answered {code}: {body}")),
+                Err(e) => Err(e),
+            }
+        });
+        let body = self.check(r, "server did not become healthy");
+        let ok = serde_json::from_str::<Value>(body.trim())
+            .map(|v| v["ok"] == Value::Bool(true))
+            .unwrap_or(false);
+        self.ensure(ok, format!("health body is not {{\"ok\":true}}: {body:?}"));
+        self.ensure(
+            srv.data_dir.join("admin.key").exists(),
+            "server is healthy but DATA_DIR/admin.key does not exist",
+        );
+    }
+
+    /// Stops the server (SIGTERM, wait).
+    pub fn stop_server(&self, srv: &Server) {
+        let (st, killed) = self.stop(srv.proc);
+        self.ensure(!killed, format!("server ignored SIGTERM (status {st:?})"));
+    }
+
+    /// Runs `trellis <args> --server URL --api-key KEY` in the server's
+    /// namespace. The flags go after the subcommand.
+    pub fn admin(&self, srv: &Server, api_key: &str, args: &[&str]) -> CmdOutput {
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend_from_slice(&["--server", &srv.url, "--api-key", api_key]);
+        self.run(&srv.host.ns, trellis_bin(), &a, CMD_TIMEOUT)
+    }
+
+    /// Like [`Lab::admin`] but fails the test on non-zero exit; returns stdout.
+    pub fn admin_ok(&self, srv: &Server, api_key: &str, args: &[&str]) -> String {
+        let out = self.admin(srv, api_key, args);
+        if !out.success() {
+            self.fail(&format!("admin command failed:\n{}", out.describe()));
+        }
+        out.stdout
+    }
+
+    /// `trellis token create ...`; returns the token (stdout must be exactly
+    /// one line).
+    pub fn create_token(&self, srv: &Server, opts: TokenOpts<'_>) -> String {
+        let key = opts
+            .api_key
+            .map(str::to_string)
+            .unwrap_or_else(|| srv.admin_key());
+        let mut args = vec!["token", "create"];
+        if opts.reusable {
+            args.push("--reusable");
+        }
+        if let Some(t) = opts.ttl {
+            args.extend_from_slice(&["--ttl", t]);
+        }
+        if let Some(a) = opts.account {
+            args.extend_from_slice(&["--account", a]);
+        }
+        let out = self.admin_ok(srv, &key, &args);
+        one_line(self, &out, "token create")
+    }
+
+    /// `trellis account create NAME [--cidr C]` with the operator key;
+    /// returns the account's API key.
+    pub fn create_account(&self, srv: &Server, name: &str, cidr: Option<&str>) -> String {
+        let mut args = vec!["account", "create", name];
+        if let Some(c) = cidr {
+            args.extend_from_slice(&["--cidr", c]);
+        }
+        let out = self.admin_ok(srv, &srv.admin_key(), &args);
+        one_line(self, &out, "account create")
+    }
+
+    /// `trellis nodes list --json [--account A]`.
+    pub fn nodes_list(&self, srv: &Server, api_key: &str, account: Option<&str>) -> Vec<Value> {
+        let mut args = vec!["nodes", "list", "--json"];
+        if let Some(a) = account {
+            args.extend_from_slice(&["--account", a]);
+        }
+        let out = self.admin_ok(srv, api_key, &args);
+        match serde_json::from_str::<Value>(out.trim()) {
+            Ok(Value::Array(a)) => a,
+            other => self.fail(&format!(
+                "nodes list --json is not a JSON array: {other:?}\n{out}"
+            )),
+        }
+    }
+
+    /// `trellis nodes delete NAME [--account A]`, must exit 0.
+    pub fn nodes_delete(&self, srv: &Server, api_key: &str, name: &str, account: Option<&str>) {
+        let mut args = vec!["nodes", "delete", name];
+        if let Some(a) = account {
+            args.extend_from_slice(&["--account", a]);
+        }
+        self.admin_ok(srv, api_key, &args);
+    }
+
+    fn join_args(srv_url: &str, token: Option<&str>, name: &str, state_dir: &Path) -> Vec<String> {
+        let mut a = vec!["join".to_string(), "--server".into(), srv_url.to_string()];
+        if let Some(t) = token {
+            a.extend(["--token".to_string(), t.to_string()]);
+        }
+        a.extend([
+            "--name".to_string(),
+            name.to_string(),
+            "--state-dir".to_string(),
+            state_dir.to_string_lossy().into_owned(),
+        ]);
+        a
+    }
+
+    /// Starts `trellis join` (foreground agent) on `host`. The state dir is
+    /// `<lab>/<name>-state` unless given.
+    pub fn join(
+        &self,
+        host: &Host,
+        srv: &Server,
+        name: &str,
+        token: &str,
+        state_dir: Option<&Path>,
+    ) -> Node {
+        let sd = state_dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.path(&format!("{name}-state")));
+        let args = Self::join_args(&srv.url, Some(token), name, &sd);
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = self.spawn(host, &format!("node-{name}"), trellis_bin(), &a);
+        Node {
+            host: host.clone(),
+            name: name.to_string(),
+            state_dir: sd,
+            server_url: srv.url.clone(),
+            proc,
+        }
+    }
+
+    /// Restarts a node agent with its state dir and no token (stops it first
+    /// if it is running).
+    pub fn restart_node(&self, node: &mut Node) {
+        if self.is_running(node.proc) {
+            self.stop_node(node);
+        }
+        let args = Self::join_args(&node.server_url, None, &node.name, &node.state_dir);
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        node.proc = self.spawn(
+            &node.host,
+            &format!("node-{}", node.name),
+            trellis_bin(),
+            &a,
+        );
+    }
+
+    /// SIGTERM the agent and wait for it to exit.
+    pub fn stop_node(&self, node: &Node) {
+        let (st, killed) = self.stop(node.proc);
+        self.ensure(
+            !killed,
+            format!("node {} ignored SIGTERM (status {st:?})", node.name),
+        );
+    }
+
+    /// Runs `trellis join` to completion (for enrollment that must fail);
+    /// kills it after `timeout`.
+    pub fn join_once(
+        &self,
+        host: &Host,
+        srv_url: &str,
+        name: &str,
+        token: Option<&str>,
+        state_dir: &Path,
+        timeout: Duration,
+    ) -> CmdOutput {
+        let args = Self::join_args(srv_url, token, name, state_dir);
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run(&host.ns, trellis_bin(), &a, timeout)
+    }
+
+    /// `trellis status --json --state-dir D` in the node's namespace.
+    pub fn status(&self, node: &Node) -> Result<Status, String> {
+        let sd = node.state_dir.to_string_lossy().into_owned();
+        let out = self.run(
+            &node.host.ns,
+            trellis_bin(),
+            &["status", "--json", "--state-dir", &sd],
+            Duration::from_secs(10),
+        );
+        if !out.success() {
+            return Err(format!("status failed: {}", out.describe()));
+        }
+        Status::parse(&out.stdout)
+    }
+
+    /// Waits until the agent answers `status` with an overlay IP; fails the
+    /// test (with logs) otherwise. Returns the status.
+    pub fn wait_ready(&self, node: &Node) -> Status {
+        let r = eventually(Instant::now() + NODE_READY_TIMEOUT, || {
+            if let Some(st) = self.exited(node.proc) {
+                return Err(format!("agent exited: {st}"));
+            }
+            let s = self.status(node)?;
+            match s.ip {
+                Some(_) => Ok(s),
+                None => Err(format!("status has no ip yet: {}", s.raw)),
+            }
+        });
+        let s = self.check(r, &format!("node {} did not become ready", node.name));
+        let ip = s.ip.expect("ip");
+        self.ensure(
+            in_net(ip, Ipv4Addr::new(100, 64, 0, 0), 10),
+            format!(
+                "node {} got overlay ip {ip} outside 100.64.0.0/10",
+                node.name
+            ),
+        );
+        s
+    }
+
+    /// Starts an [`EchoListener`] on 0.0.0.0:APP_PORT in the node's namespace
+    /// answering with the node's name.
+    pub fn listen(&self, node: &Node) -> EchoListener {
+        let r = tcp_listen(
+            &node.host.ns,
+            SocketAddr::from(([0, 0, 0, 0], APP_PORT)),
+            &node.name,
+        );
+        self.check(r, &format!("listen on {}", node.name))
+    }
+}
+
+fn one_line(lab: &Lab, out: &str, what: &str) -> String {
+    let lines: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.len() != 1 {
+        lab.fail(&format!(
+            "`{what}` should print exactly one line, got {out:?}"
+        ));
+    }
+    lines[0].trim().to_string()
+}
+
+/// One directed connectivity check.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    pub from: String,
+    pub from_ns: String,
+    pub to: String,
+    pub to_addr: SocketAddr,
+}
+
+impl Probe {
+    pub fn new(from: &Node, to_name: &str, to_ip: Ipv4Addr) -> Probe {
+        Probe {
+            from: from.name.clone(),
+            from_ns: from.host.ns.clone(),
+            to: to_name.to_string(),
+            to_addr: SocketAddr::from((to_ip, APP_PORT)),
+        }
+    }
+}
+
+/// Runs every probe in parallel, each retrying until it succeeds (and the
+/// answering listener is the expected node) or `deadline` passes. Returns
+/// the failures as text (empty = all good).
+pub fn all_reach(probes: &[Probe], deadline: Instant, attempt_timeout: Duration) -> Vec<String> {
+    thread::scope(|sc| {
+        let hs: Vec<_> = probes
+            .iter()
+            .map(|p| {
+                sc.spawn(move || {
+                    let r = eventually(deadline, || {
+                        let now = Instant::now();
+                        let left = deadline
+                            .saturating_duration_since(now)
+                            .max(Duration::from_millis(300));
+                        let name = tcp_exchange(
+                            &p.from_ns,
+                            p.to_addr,
+                            PAYLOAD,
+                            attempt_timeout.min(left),
+                        )?;
+                        if name == p.to {
+                            Ok(())
+                        } else {
+                            Err(format!("answered by {name:?}, expected {:?}", p.to))
+                        }
+                    });
+                    r.err()
+                        .map(|e| format!("{} -> {} ({}): {e}", p.from, p.to, p.to_addr))
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .filter_map(|h| h.join().unwrap_or(Some("probe thread panicked".into())))
+            .collect()
+    })
+}
+
+/// All ordered pairs of `nodes` (with their overlay IPs).
+pub fn pair_probes(nodes: &[(&Node, Ipv4Addr)]) -> Vec<Probe> {
+    let mut v = Vec::new();
+    for (a, _) in nodes {
+        for (b, bip) in nodes {
+            if a.name != b.name {
+                v.push(Probe::new(a, &b.name, *bip));
+            }
+        }
+    }
+    v
+}
+
+/// Names of namespaces that still exist with `prefix`.
+pub fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
+    let p = format!("{prefix}-");
+    list_netns()
+        .into_iter()
+        .filter(|n| n.starts_with(&p))
+        .collect()
+}
+
+/// Set of names found in a `nodes list --json` answer.
+pub fn node_names(list: &[Value]) -> HashSet<String> {
+    list.iter()
+        .filter_map(|n| n["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+impl Lab {
+    /// Drops, inside `host`'s namespace only, all TCP traffic between it and
+    /// `peer` (both directions), with an nftables table `e2e_block`.
+    pub fn block_tcp(&self, host: &Host, peer: SocketAddr) {
+        let ip = peer.ip().to_string();
+        let port = peer.port().to_string();
+        let cmds: Vec<Vec<&str>> = vec![
+            vec!["add", "table", "inet", "e2e_block"],
+            vec![
+                "add",
+                "chain",
+                "inet",
+                "e2e_block",
+                "out",
+                "{ type filter hook output priority 0; }",
+            ],
+            vec![
+                "add",
+                "chain",
+                "inet",
+                "e2e_block",
+                "in",
+                "{ type filter hook input priority 0; }",
+            ],
+            vec![
+                "add",
+                "rule",
+                "inet",
+                "e2e_block",
+                "out",
+                "ip",
+                "daddr",
+                &ip,
+                "tcp",
+                "dport",
+                &port,
+                "drop",
+            ],
+            vec![
+                "add",
+                "rule",
+                "inet",
+                "e2e_block",
+                "in",
+                "ip",
+                "saddr",
+                &ip,
+                "tcp",
+                "sport",
+                &port,
+                "drop",
+            ],
+        ];
+        for c in cmds {
+            let out = self.run(&host.ns, "nft", &c, Duration::from_secs(10));
+            if !out.success() {
+                self.fail(&format!("nft failed:\n{}", out.describe()));
+            }
+        }
+    }
+
+    /// Removes what [`Lab::block_tcp`] added.
+    pub fn unblock_tcp(&self, host: &Host) {
+        let out = self.run(
+            &host.ns,
+            "nft",
+            &["delete", "table", "inet", "e2e_block"],
+            Duration::from_secs(10),
+        );
+        if !out.success() {
+            self.fail(&format!("nft failed:\n{}", out.describe()));
+        }
+    }
+}
