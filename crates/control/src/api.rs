@@ -24,7 +24,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::map::{endpoints, Hub};
-use crate::store::{validate_cidr, Account, Enrollment, Store, StoreError};
+use crate::relay::{self, Relay};
+use crate::store::{validate_cidr, Account, Enrollment, Node, Store, StoreError};
 use crate::stream;
 
 /// Shared state of all handlers.
@@ -32,6 +33,7 @@ use crate::stream;
 pub struct AppState {
     pub store: Store,
     pub hub: Arc<Hub>,
+    pub relay: Arc<Relay>,
 }
 
 /// Unix seconds now.
@@ -334,6 +336,7 @@ pub async fn delete_node(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiErr> {
     let node = st.store.delete_node(&admin.account, &name, now()).await?;
+    st.relay.hub.revoke(&node.public_key.0);
     st.hub.kick(
         node.id,
         &format!("node {:?} was deleted by an admin", node.name),
@@ -386,7 +389,71 @@ pub async fn node_stream(
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiErr> {
-    let secret = bearer(&headers).ok_or_else(|| {
+    let node = node_auth(&st, &headers).await?;
+    let ws = upgrade(ws)?;
+    let ended = StreamEnded::start(st.hub.clone());
+    Ok(ws
+        .max_message_size(MAX_STREAM_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            let _ended = ended;
+            stream::run(st, node, peer.ip(), socket).await;
+        }))
+}
+
+/// The TCP relay for nodes whose UDP is blocked: a WebSocket of binary
+/// messages, each one relay frame (`RELAY_SEND` from the node, `RELAY_RECV`
+/// to it; see trellis_proto::frames). Auth: `Bearer <node_secret>`.
+#[utoipa::path(get, path = "/api/v1/relay", tag = "nodes",
+    security(("bearer" = [])),
+    responses((status = 101, description = "Switching to the WebSocket relay"),
+        (status = 401, body = ApiError)))]
+pub async fn relay_ws(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiErr> {
+    let node = node_auth(&st, &headers).await?;
+    let ws = upgrade(ws)?;
+    let ended = StreamEnded::start(st.hub.clone());
+    Ok(ws
+        .max_message_size(MAX_RELAY_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            let _ended = ended;
+            relay::run(st, node, socket).await;
+        }))
+}
+
+/// Counts a WebSocket task from before the upgrade until it is dropped: at the
+/// end of the task, or with the upgrade callback if the upgrade failed.
+struct StreamEnded(Arc<Hub>);
+
+impl StreamEnded {
+    fn start(hub: Arc<Hub>) -> StreamEnded {
+        hub.stream_started();
+        StreamEnded(hub)
+    }
+}
+
+impl Drop for StreamEnded {
+    fn drop(&mut self) {
+        self.0.stream_ended();
+    }
+}
+
+fn upgrade(
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<WebSocketUpgrade, ApiErr> {
+    ws.map_err(|e| {
+        ApiErr::new(
+            e.status(),
+            format!("this endpoint needs a WebSocket upgrade: {}", e.body_text()),
+        )
+    })
+}
+
+/// The node presenting `Authorization: Bearer <node_secret>`.
+async fn node_auth(st: &AppState, headers: &HeaderMap) -> Result<Node, ApiErr> {
+    let secret = bearer(headers).ok_or_else(|| {
         ApiErr::new(
             StatusCode::UNAUTHORIZED,
             "missing node credential: send `Authorization: Bearer <node_secret>`",
@@ -398,19 +465,13 @@ pub async fn node_stream(
             "node credential not recognised: this node was removed or never enrolled; enroll again with a new join token",
         )
     })?;
-    let ws = ws.map_err(|e| {
-        ApiErr::new(
-            e.status(),
-            format!("this endpoint needs a WebSocket upgrade: {}", e.body_text()),
-        )
-    })?;
-    Ok(ws
-        .max_message_size(MAX_STREAM_MESSAGE)
-        .on_upgrade(move |socket| stream::run(st, node, peer.ip(), socket)))
+    Ok(node)
 }
 
 /// Largest control-stream message a node may send.
 const MAX_STREAM_MESSAGE: usize = 64 * 1024;
+/// Largest relay message: a relay header and a whole UDP payload.
+const MAX_RELAY_MESSAGE: usize = trellis_proto::frames::RELAY_HEADER + 65_535;
 
 async fn method_not_allowed() -> ApiErr {
     ApiErr::new(
@@ -442,7 +503,7 @@ impl Modify for BearerAuth {
 #[openapi(
     info(title = "Trellis control plane", description = "Accounts, join tokens, nodes and the node control stream of a Trellis mesh."),
     paths(health, openapi_json, create_account, list_accounts, create_token, list_nodes,
-        delete_node, enroll, node_stream),
+        delete_node, enroll, node_stream, relay_ws),
     components(schemas(ApiError, AccountInfo, CreateAccountRequest, CreateAccountResponse,
         CreateTokenRequest, CreateTokenResponse, NodeInfo, EnrollRequest, EnrollResponse)),
     modifiers(&BearerAuth)
@@ -460,6 +521,7 @@ pub fn router(state: AppState) -> Router {
         .route("/nodes/{name}", delete(delete_node))
         .route("/enroll", post(enroll))
         .route("/node/stream", get(node_stream))
+        .route("/relay", get(relay_ws))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     Router::new().nest("/api/v1", api).with_state(state)

@@ -8,6 +8,7 @@
 //!     data_dir: "/var/lib/trellis".into(),
 //!     listen: "0.0.0.0:8080".parse()?,
 //!     public_url: None,
+//!     edge_udp: Some("0.0.0.0:3478".parse()?),
 //! })
 //! .await?;
 //! println!("{}", server.url());
@@ -17,6 +18,7 @@
 
 pub mod api;
 pub mod map;
+pub mod relay;
 pub mod store;
 pub mod stream;
 
@@ -29,18 +31,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use rand::RngCore;
 use tokio::net::TcpListener;
+use trellis_edge::{EdgeUdp, RelayHub};
 
 pub use api::ApiDoc;
 pub use store::Store;
 
 use crate::api::{now, AppState};
 use crate::map::Hub;
+use crate::relay::Relay;
 
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "trellis.db";
 /// Name of the operator key file inside the data directory.
 pub const ADMIN_KEY_FILE: &str = "admin.key";
+/// Name of the relay secret file (32 random bytes) inside the data directory.
+pub const RELAY_SECRET_FILE: &str = "relay.secret";
 
 /// How to run the control plane.
 #[derive(Debug, Clone)]
@@ -51,6 +58,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// URL under which users and nodes reach this server, if not the listen address.
     pub public_url: Option<String>,
+    /// Address of the edge's UDP port (STUN and relay); None runs no edge, and
+    /// network maps then carry no relay information.
+    pub edge_udp: Option<SocketAddr>,
 }
 
 /// A started control plane: database open, listener bound, not yet serving.
@@ -58,6 +68,8 @@ pub struct Server {
     config: Config,
     listener: TcpListener,
     local_addr: SocketAddr,
+    edge: Option<EdgeUdp>,
+    edge_addr: Option<SocketAddr>,
     state: AppState,
 }
 
@@ -65,7 +77,8 @@ impl Server {
     /// Creates data_dir (0700) if needed, opens DATA_DIR/trellis.db (SQLite, WAL,
     /// foreign keys, busy_timeout 5 s), runs migrations, creates account `default`
     /// on first start, writes an operator API key to DATA_DIR/admin.key (0600) if
-    /// that file does not exist, and binds the TCP listener.
+    /// that file does not exist, creates the relay secret DATA_DIR/relay.secret
+    /// (0600) likewise, binds the TCP listener and, if configured, the edge's UDP port.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
         let dir = &config.data_dir;
         if !dir.exists() {
@@ -91,6 +104,17 @@ impl Server {
             tracing::info!(path = %key_path.display(), "wrote the operator API key");
         }
 
+        let secret = load_or_create_relay_secret(&dir.join(RELAY_SECRET_FILE))?;
+        let relay_hub = Arc::new(RelayHub::new(secret));
+        // Deleted nodes stay refused across restarts, even with unexpired relay tokens.
+        for key in store
+            .revoked_keys()
+            .await
+            .context("loading revoked node keys")?
+        {
+            relay_hub.revoke(&key.0);
+        }
+
         let listener = TcpListener::bind(config.listen).await.with_context(|| {
             format!(
                 "listening on {} (is another server running there?)",
@@ -100,13 +124,30 @@ impl Server {
         let local_addr = listener
             .local_addr()
             .context("reading the listener's address")?;
+        let (edge, edge_addr, udp) = match config.edge_udp {
+            None => (None, None, None),
+            Some(addr) => {
+                let edge = EdgeUdp::bind(addr, relay_hub.clone()).await?;
+                let bound = edge
+                    .local_addr()
+                    .context("reading the edge UDP port's address")?;
+                let udp = relay_udp(bound, &server_url(&config, local_addr))?;
+                (Some(edge), Some(bound), Some(udp))
+            }
+        };
         Ok(Server {
             config,
             listener,
             local_addr,
+            edge,
+            edge_addr,
             state: AppState {
                 store,
                 hub: Arc::new(Hub::new()),
+                relay: Arc::new(Relay {
+                    hub: relay_hub,
+                    udp,
+                }),
             },
         })
     }
@@ -118,14 +159,17 @@ impl Server {
 
     /// public_url if given, else http://<listen addr> (127.0.0.1 when bound to all interfaces).
     pub fn url(&self) -> String {
-        if let Some(url) = &self.config.public_url {
-            return url.trim_end_matches('/').to_string();
-        }
-        let mut addr = self.local_addr;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        }
-        format!("http://{addr}")
+        server_url(&self.config, self.local_addr)
+    }
+
+    /// The address the edge's UDP port is bound to, if it runs.
+    pub fn edge_udp_addr(&self) -> Option<SocketAddr> {
+        self.edge_addr
+    }
+
+    /// The relay hub (for its counters).
+    pub fn relay_hub(&self) -> Arc<RelayHub> {
+        self.state.relay.hub.clone()
     }
 
     /// Where the operator API key is kept.
@@ -133,7 +177,8 @@ impl Server {
         self.config.data_dir.join(ADMIN_KEY_FILE)
     }
 
-    /// Serves until `shutdown` resolves, then closes every control stream and stops.
+    /// Serves HTTP and the edge's UDP port until `shutdown` resolves, then
+    /// closes every control stream and relay WebSocket and stops.
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -143,7 +188,11 @@ impl Server {
         let store = self.state.store.clone();
         let app = api::router(self.state);
         tracing::info!(addr = %self.local_addr, "control plane listening");
-        axum::serve(
+        let edge_task = self.edge.map(|edge| {
+            tracing::info!(addr = ?self.edge_addr, "edge UDP port (STUN and relay) listening");
+            tokio::spawn(edge.serve())
+        });
+        let served = axum::serve(
             self.listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
@@ -151,8 +200,13 @@ impl Server {
             shutdown.await;
             hub.shutdown();
         })
-        .await
-        .context("serving HTTP")?;
+        .await;
+        if let Some(task) = edge_task {
+            task.abort();
+            // The socket is closed once the aborted task is gone.
+            let _ = task.await;
+        }
+        served.context("serving HTTP")?;
         // Streams were told to close; let them record their last_seen first.
         if tokio::time::timeout(Duration::from_secs(5), hub_after.streams_ended())
             .await
@@ -165,9 +219,77 @@ impl Server {
     }
 }
 
+/// public_url if given, else http://<listen addr> (127.0.0.1 when bound to all interfaces).
+fn server_url(config: &Config, local_addr: SocketAddr) -> String {
+    if let Some(url) = &config.public_url {
+        return url.trim_end_matches('/').to_string();
+    }
+    let mut addr = local_addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    format!("http://{addr}")
+}
+
+/// The host part of a URL as written (IPv6 in brackets), e.g. "example.com"
+/// for "https://user@example.com:8443/x".
+fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if host_port.starts_with('[') {
+        &host_port[..=host_port.find(']')?]
+    } else {
+        host_port.split(':').next()?
+    };
+    (!host.is_empty()).then_some(host)
+}
+
+/// `HOST:PORT` nodes use to reach the edge bound at `edge`: its own IP when
+/// specific, else the host of the server's URL.
+fn relay_udp(edge: SocketAddr, url: &str) -> anyhow::Result<String> {
+    if !edge.ip().is_unspecified() {
+        return Ok(edge.to_string());
+    }
+    let host = url_host(url).with_context(|| {
+        format!("cannot tell the edge's host from the server URL {url:?}; give --public-url as scheme://host[:port]")
+    })?;
+    Ok(format!("{host}:{}", edge.port()))
+}
+
+/// Reads the relay secret at `path`, creating it (32 random bytes, 0600) if missing.
+fn load_or_create_relay_secret(path: &Path) -> anyhow::Result<[u8; 32]> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let len = bytes.len();
+            bytes.try_into().map_err(|_| {
+                anyhow::anyhow!(
+                    "{} is corrupt: expected 32 bytes, found {len}; delete it to make a new one (nodes get new relay tokens when they reconnect)",
+                    path.display()
+                )
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut secret = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut secret);
+            write_secret_bytes(path, &secret)?;
+            tracing::info!(path = %path.display(), "created the relay secret");
+            Ok(secret)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading the relay secret {}", path.display())),
+    }
+}
+
 /// Writes `secret` plus a newline to `path` with mode 0600, atomically.
 fn write_secret_file(path: &Path, secret: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("key.tmp");
+    write_secret_bytes(path, format!("{secret}\n").as_bytes())
+}
+
+/// Writes `bytes` to `path` with mode 0600, atomically.
+fn write_secret_bytes(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
     let mut f = OpenOptions::new()
         .write(true)
@@ -175,10 +297,55 @@ fn write_secret_file(path: &Path, secret: &str) -> anyhow::Result<()> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(format!("{secret}\n").as_bytes())
+    f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("moving {} to {}", tmp.display(), path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_host_comes_from_the_bind_address_or_the_url() {
+        let edge = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            relay_udp(edge("198.18.0.1:3478"), "https://x.example").unwrap(),
+            "198.18.0.1:3478"
+        );
+        assert_eq!(
+            relay_udp(
+                edge("0.0.0.0:3478"),
+                "https://user@mesh.example.com:8443/base"
+            )
+            .unwrap(),
+            "mesh.example.com:3478"
+        );
+        assert_eq!(
+            relay_udp(edge("[::]:3478"), "http://[fd00::1]:8080").unwrap(),
+            "[fd00::1]:3478"
+        );
+        assert_eq!(
+            relay_udp(edge("0.0.0.0:9"), "http://127.0.0.1:8080").unwrap(),
+            "127.0.0.1:9"
+        );
+        assert!(relay_udp(edge("0.0.0.0:9"), "https://").is_err());
+    }
+
+    #[test]
+    fn relay_secret_is_created_once_and_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(RELAY_SECRET_FILE);
+        let a = load_or_create_relay_secret(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(load_or_create_relay_secret(&path).unwrap(), a);
+        std::fs::write(&path, b"short").unwrap();
+        let err = load_or_create_relay_secret(&path).unwrap_err();
+        assert!(format!("{err:#}").contains("expected 32 bytes"), "{err:#}");
+    }
 }

@@ -12,28 +12,40 @@ use trellis_proto::{NetworkMap, NodeKey, Peer, SelfNode, ServerMessage};
 
 use crate::store::{overlay_space, Account, Node};
 
-/// Underlay endpoints of a node, best first: the address the control plane saw
-/// it connect from, then its own interface addresses, all with its WireGuard port.
+/// Underlay endpoints of a node, best first, without duplicates: its
+/// server-reflexive address (what the edge saw; it works through
+/// endpoint-independent NATs), the address the control plane saw it connect
+/// from, then its own interface addresses — the last two with its WireGuard port.
 pub fn endpoints(node: &Node) -> Vec<SocketAddr> {
-    let Some(port) = node.listen_port.filter(|p| *p != 0) else {
-        return Vec::new();
-    };
     let space = overlay_space();
+    let usable = |ip: &IpAddr| {
+        !(ip.is_loopback()
+            || ip.is_unspecified()
+            || is_link_local(ip)
+            || matches!(ip, IpAddr::V4(v4) if space.contains(v4)))
+    };
     let mut out: Vec<SocketAddr> = Vec::new();
+    if let Some(r) = node.reflexive {
+        let ip = r.ip().to_canonical();
+        if r.port() != 0 && usable(&ip) {
+            out.push(SocketAddr::new(ip, r.port()));
+        }
+    }
+    let Some(port) = node.listen_port.filter(|p| *p != 0) else {
+        return out;
+    };
     if let Some(ip) = node.observed_ip.map(|ip| ip.to_canonical()) {
         if !ip.is_loopback() && !ip.is_unspecified() {
-            out.push(SocketAddr::new(ip, port));
+            let ep = SocketAddr::new(ip, port);
+            if !out.contains(&ep) {
+                out.push(ep);
+            }
         }
     }
     for ip in &node.local_addrs {
         let ip = ip.to_canonical();
-        if ip.is_loopback() || ip.is_unspecified() || is_link_local(&ip) {
+        if !usable(&ip) {
             continue;
-        }
-        if let IpAddr::V4(v4) = ip {
-            if space.contains(&v4) {
-                continue;
-            }
         }
         let ep = SocketAddr::new(ip, port);
         if !out.contains(&ep) {
@@ -68,7 +80,8 @@ pub fn peer_of(node: &Node, online: bool) -> Peer {
 }
 
 /// The map of node `me` in `account`, given all nodes of the account.
-/// None when `me` is not among them (it was removed).
+/// None when `me` is not among them (it was removed). The relay part is left
+/// empty: the stream adds a credential for the connection.
 pub fn build_map(
     account: &Account,
     nodes: &[Node],
@@ -91,10 +104,14 @@ pub fn build_map(
         .map(|n| peer_of(n, online.contains(&n.id)))
         .collect();
     peers.sort_by_key(|p| p.id);
-    Some(NetworkMap { self_node, peers })
+    Some(NetworkMap {
+        self_node,
+        peers,
+        relay: None,
+    })
 }
 
-/// What one connection last told its node.
+/// What one connection last told its node (the relay credential is refreshed on its own clock).
 #[derive(Debug, Clone)]
 pub struct Sent {
     self_node: SelfNode,
@@ -138,6 +155,7 @@ impl Sent {
             self_node,
             upsert,
             remove,
+            relay: None,
         })
     }
 }
@@ -300,6 +318,7 @@ mod tests {
             listen_port: None,
             local_addrs: Vec::new(),
             observed_ip: None,
+            reflexive: None,
             created_at: 0,
             last_seen: None,
         }
@@ -348,6 +367,44 @@ mod tests {
     }
 
     #[test]
+    fn reflexive_comes_first_filtered_and_deduplicated() {
+        let mut n = node(1, 1);
+        n.reflexive = Some("203.0.113.9:60000".parse().unwrap());
+        assert_eq!(
+            endpoints(&n),
+            ["203.0.113.9:60000".parse::<SocketAddr>().unwrap()],
+            "known even before the node reports its port"
+        );
+        n.listen_port = Some(51820);
+        n.observed_ip = Some("203.0.113.9".parse().unwrap());
+        n.local_addrs = vec!["192.168.1.4".parse().unwrap()];
+        let got: Vec<String> = endpoints(&n).iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            got,
+            [
+                "203.0.113.9:60000",
+                "203.0.113.9:51820",
+                "192.168.1.4:51820"
+            ]
+        );
+        // Same address and port as the observed one: listed once.
+        n.reflexive = Some("203.0.113.9:51820".parse().unwrap());
+        assert_eq!(endpoints(&n).len(), 2);
+        n.reflexive = Some("[::ffff:198.18.0.5]:7".parse().unwrap());
+        assert_eq!(endpoints(&n)[0].to_string(), "198.18.0.5:7");
+        for bad in [
+            "127.0.0.1:5",
+            "0.0.0.0:5",
+            "100.64.0.9:5",
+            "[::1]:5",
+            "198.18.0.5:0",
+        ] {
+            n.reflexive = Some(bad.parse().unwrap());
+            assert_eq!(endpoints(&n)[0].to_string(), "203.0.113.9:51820", "{bad}");
+        }
+    }
+
+    #[test]
     fn maps_hold_only_own_account_and_never_self() {
         let nodes = vec![node(1, 1), node(2, 1), node(3, 2)];
         let online: HashSet<i64> = [2].into();
@@ -377,7 +434,9 @@ mod tests {
                 self_node,
                 upsert,
                 remove,
+                relay,
             }) => {
+                assert!(relay.is_none());
                 assert!(self_node.is_none());
                 let ids: Vec<i64> = upsert.iter().map(|p| p.id).collect();
                 assert_eq!(ids, [2, 3]);

@@ -6,7 +6,7 @@
 //! hex digests; the plaintext is returned once to the caller that created it.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -96,6 +96,8 @@ pub struct Node {
     pub listen_port: Option<u16>,
     pub local_addrs: Vec<IpAddr>,
     pub observed_ip: Option<IpAddr>,
+    /// The address the edge saw the node's WireGuard socket come from.
+    pub reflexive: Option<SocketAddr>,
     pub created_at: i64,
     pub last_seen: Option<i64>,
 }
@@ -114,12 +116,13 @@ struct NodeRow {
     listen_port: Option<i64>,
     local_addrs: String,
     observed_ip: Option<String>,
+    reflexive: Option<String>,
     created_at: i64,
     last_seen: Option<i64>,
 }
 
 const NODE_COLUMNS: &str = "id, account_id, name, public_key, ip, hostname, os, version, tags, \
-     listen_port, local_addrs, observed_ip, created_at, last_seen";
+     listen_port, local_addrs, observed_ip, reflexive, created_at, last_seen";
 
 impl TryFrom<NodeRow> for Node {
     type Error = StoreError;
@@ -138,6 +141,10 @@ impl TryFrom<NodeRow> for Node {
             observed_ip: match &r.observed_ip {
                 None => None,
                 Some(s) => Some(s.parse().map_err(|_| bad("observed ip"))?),
+            },
+            reflexive: match &r.reflexive {
+                None => None,
+                Some(s) => Some(s.parse().map_err(|_| bad("reflexive address"))?),
             },
             id: r.id,
             account_id: r.account_id,
@@ -167,6 +174,8 @@ pub struct HelloInfo {
     pub listen_port: u16,
     pub local_addrs: Vec<IpAddr>,
     pub observed_ip: IpAddr,
+    /// The server-reflexive address the node learned from the edge, if any.
+    pub reflexive: Option<SocketAddr>,
     pub os: String,
     pub version: String,
 }
@@ -663,6 +672,7 @@ impl Store {
                 listen_port: None,
                 local_addrs: Vec::new(),
                 observed_ip: None,
+                reflexive: None,
                 created_at: now,
                 last_seen: None,
             },
@@ -703,12 +713,13 @@ impl Store {
         let locals = serde_json::to_string(&hello.local_addrs)
             .map_err(|e| StoreError::Invalid(format!("local addresses: {e}")))?;
         let done = sqlx::query(
-            "UPDATE nodes SET listen_port = ?, local_addrs = ?, observed_ip = ?, os = ?, version = ?, \
-             last_seen = ? WHERE id = ?",
+            "UPDATE nodes SET listen_port = ?, local_addrs = ?, observed_ip = ?, reflexive = ?, os = ?, \
+             version = ?, last_seen = ? WHERE id = ?",
         )
         .bind(i64::from(hello.listen_port))
         .bind(locals)
         .bind(hello.observed_ip.to_string())
+        .bind(hello.reflexive.map(|a| a.to_string()))
         .bind(&hello.os)
         .bind(&hello.version)
         .bind(now)
@@ -725,6 +736,19 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Every key ever revoked (deleted nodes), for the relay's refusal list.
+    pub async fn revoked_keys(&self) -> StoreResult<Vec<NodeKey>> {
+        let rows: Vec<String> = sqlx::query_scalar("SELECT public_key FROM revoked_keys")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|k| {
+                k.parse()
+                    .map_err(|_| StoreError::Corrupt(format!("revoked key {k:?} is not a key")))
+            })
+            .collect()
     }
 
     /// Deletes a node by name and revokes its key for good. Returns the deleted node.

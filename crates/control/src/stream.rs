@@ -1,7 +1,7 @@
 //! One node's control stream: wait for Hello, send the full map, then push
 //! deltas whenever the account changes, until the node goes away.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,6 +13,7 @@ use trellis_proto::{NetworkMap, NodeMessage, ServerMessage};
 
 use crate::api::{now, AppState};
 use crate::map::{build_map, Control, Sent};
+use crate::relay::RELAY_REFRESH;
 use crate::store::{HelloInfo, Node};
 
 /// How long a new connection may take to say Hello.
@@ -22,9 +23,9 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// A stream silent for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-const CLOSE_NORMAL: u16 = 1000;
-const CLOSE_GOING_AWAY: u16 = 1001;
-const CLOSE_POLICY: u16 = 1008;
+pub(crate) const CLOSE_NORMAL: u16 = 1000;
+pub(crate) const CLOSE_GOING_AWAY: u16 = 1001;
+pub(crate) const CLOSE_POLICY: u16 = 1008;
 
 /// Runs the stream of `node` (already authenticated) until it ends.
 pub async fn run(state: AppState, node: Node, observed: IpAddr, mut ws: WebSocket) {
@@ -36,7 +37,7 @@ pub async fn run(state: AppState, node: Node, observed: IpAddr, mut ws: WebSocke
     }
 }
 
-async fn close(ws: &mut WebSocket, code: u16, reason: &str) {
+pub(crate) async fn close(ws: &mut WebSocket, code: u16, reason: &str) {
     let frame = CloseFrame {
         code,
         reason: reason.into(),
@@ -77,9 +78,11 @@ fn hello_info(msg: NodeMessage, observed: IpAddr) -> HelloInfo {
         NodeMessage::Hello {
             listen_port,
             mut local_addrs,
+            reflexive,
             os,
             version,
         } => HelloInfo {
+            reflexive: reflexive.map(|a| SocketAddr::new(a.ip().to_canonical(), a.port())),
             listen_port,
             local_addrs: {
                 local_addrs.truncate(MAX_LOCAL_ADDRS);
@@ -185,7 +188,7 @@ async fn connected(
     control: &mut tokio::sync::mpsc::UnboundedReceiver<Control>,
 ) -> anyhow::Result<()> {
     let account_id = node.account_id;
-    let Some(map) = current_map(state, node).await? else {
+    let Some(mut map) = current_map(state, node).await? else {
         send(
             ws,
             &ServerMessage::Removed {
@@ -196,8 +199,11 @@ async fn connected(
         close(ws, CLOSE_NORMAL, "removed").await;
         return Ok(());
     };
+    map.relay = state.relay.info(node.account_id, &node.public_key, now());
     send(ws, &ServerMessage::Map(map.clone())).await?;
     let mut sent = Sent::new(&map);
+    let mut relay_refresh = tokio::time::interval_at(Instant::now() + RELAY_REFRESH, RELAY_REFRESH);
+    relay_refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -273,6 +279,16 @@ async fn connected(
                     }
                 }
                 return Ok(());
+            }
+            _ = relay_refresh.tick() => {
+                if let Some(relay) = state.relay.info(account_id, &node.public_key, now()) {
+                    send(ws, &ServerMessage::Delta {
+                        self_node: None,
+                        upsert: Vec::new(),
+                        remove: Vec::new(),
+                        relay: Some(relay),
+                    }).await?;
+                }
             }
             _ = ping.tick() => {
                 if last_heard.elapsed() >= IDLE_TIMEOUT {

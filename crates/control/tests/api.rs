@@ -1,8 +1,10 @@
 //! End-to-end tests of the control plane: real SQLite files in temp dirs, real
 //! HTTP on 127.0.0.1, real WebSocket clients.
 
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -15,6 +17,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use trellis_control::{Config, Server};
+use trellis_edge::RelayHub;
 use trellis_proto::{
     AccountInfo, CreateAccountResponse, CreateTokenResponse, EnrollResponse, NodeInfo, NodeKey,
     NodeMessage, ServerMessage,
@@ -25,6 +28,8 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 struct Running {
     url: String,
     admin: String,
+    edge: SocketAddr,
+    relay: Arc<RelayHub>,
     http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -36,10 +41,13 @@ impl Running {
             data_dir: dir.to_path_buf(),
             listen: "127.0.0.1:0".parse().unwrap(),
             public_url: None,
+            edge_udp: Some("127.0.0.1:0".parse().unwrap()),
         })
         .await
         .unwrap();
         let url = server.url();
+        let edge = server.edge_udp_addr().expect("the edge runs");
+        let relay = server.relay_hub();
         let admin = std::fs::read_to_string(server.admin_key_path())
             .unwrap()
             .trim()
@@ -51,6 +59,8 @@ impl Running {
         Running {
             url,
             admin,
+            edge,
+            relay,
             http: reqwest::Client::new(),
             stop: Some(tx),
             task: Some(task),
@@ -178,9 +188,14 @@ impl Running {
 }
 
 async fn hello(ws: &mut Ws, port: u16, local: &[&str]) {
+    hello_reflexive(ws, port, local, None).await;
+}
+
+async fn hello_reflexive(ws: &mut Ws, port: u16, local: &[&str], reflexive: Option<&str>) {
     let hello = NodeMessage::Hello {
         listen_port: port,
         local_addrs: local.iter().map(|s| s.parse().unwrap()).collect(),
+        reflexive: reflexive.map(|r| r.parse().unwrap()),
         os: "linux".into(),
         version: "test".into(),
     };
@@ -583,6 +598,7 @@ async fn bad_bodies_and_openapi() {
         "/api/v1/nodes/{name}",
         "/api/v1/enroll",
         "/api/v1/node/stream",
+        "/api/v1/relay",
     ] {
         assert!(paths.contains_key(p), "openapi lacks {p}");
     }
@@ -696,7 +712,9 @@ async fn stream_gets_map_then_deltas_and_removal() {
             self_node,
             upsert,
             remove,
+            relay,
         } => {
+            assert!(relay.is_none());
             assert!(self_node.is_none());
             assert!(remove.is_empty());
             assert_eq!(upsert.len(), 1);
@@ -886,5 +904,385 @@ async fn silent_stream_is_closed_after_thirty_seconds() {
     let seen = until_closed(&mut ws).await;
     assert!(seen.is_empty(), "{seen:?}");
     assert!(started.elapsed() < Duration::from_secs(35));
+    srv.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Relay: credentials in maps, reflexive endpoints, the WebSocket and UDP relay
+// ---------------------------------------------------------------------------
+
+use tokio::net::UdpSocket;
+use trellis_proto::frames::{
+    decode_registered, FRAME_REFUSED, FRAME_REGISTER, FRAME_REGISTERED, FRAME_RELAY_RECV,
+    FRAME_RELAY_SEND,
+};
+
+impl Running {
+    async fn relay_raw(&self, secret: &str) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+        let url = format!("{}/api/v1/relay", self.url.replacen("http://", "ws://", 1));
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {secret}").parse().unwrap());
+        tokio_tungstenite::connect_async(req)
+            .await
+            .map(|(ws, _)| ws)
+    }
+
+    /// Opens the relay WebSocket of node `key` and waits until the hub has attached it.
+    async fn relay_ws(&self, secret: &str, key: u8) -> Ws {
+        let ws = self.relay_raw(secret).await.unwrap();
+        let started = std::time::Instant::now();
+        while !self.relay.has_ws(&[key; 32]) {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "relay attached in time"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        ws
+    }
+}
+
+fn relay_send(dst: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![FRAME_RELAY_SEND];
+    f.extend_from_slice(&[dst; 32]);
+    f.extend_from_slice(payload);
+    f
+}
+
+fn relay_recv(src: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![FRAME_RELAY_RECV];
+    f.extend_from_slice(&[src; 32]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The next binary message, skipping pings; panics after 2 s or on close.
+async fn next_binary(ws: &mut Ws) -> Vec<u8> {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(2), ws.next())
+            .await
+            .expect("a relay frame in time")
+            .expect("relay still open")
+            .expect("no websocket error");
+        match msg {
+            Message::Binary(b) => return b.to_vec(),
+            Message::Close(f) => panic!("relay closed: {f:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// Asserts that no binary message arrives for `quiet`.
+async fn no_binary(ws: &mut Ws, quiet: Duration) {
+    let deadline = tokio::time::Instant::now() + quiet;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return,
+            Ok(Some(Ok(Message::Binary(b)))) => panic!("unexpected relay frame: {b:?}"),
+            Ok(Some(Ok(_))) => {}
+            Ok(other) => panic!("relay ended: {other:?}"),
+        }
+    }
+}
+
+async fn udp_recv(sock: &UdpSocket, within: Duration) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 2048];
+    match tokio::time::timeout(within, sock.recv_from(&mut buf)).await {
+        Err(_) => None,
+        Ok(r) => Some(buf[..r.unwrap().0].to_vec()),
+    }
+}
+
+/// Sends `FRAME_REGISTER` with `token` from `sock` and returns the edge's answer.
+async fn udp_register(sock: &UdpSocket, edge: SocketAddr, token: &str) -> Vec<u8> {
+    let mut frame = vec![FRAME_REGISTER];
+    frame.extend_from_slice(token.as_bytes());
+    sock.send_to(&frame, edge).await.unwrap();
+    udp_recv(sock, Duration::from_secs(2))
+        .await
+        .expect("the edge answers a registration")
+}
+
+fn relay_of(map: &trellis_proto::NetworkMap) -> trellis_proto::RelayInfo {
+    map.relay
+        .clone()
+        .expect("the map carries relay information")
+}
+
+#[tokio::test]
+async fn map_carries_a_relay_token_the_edge_accepts_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+    let token = srv.token(&srv.admin, None, json!({})).await;
+    let a = srv.enroll(&token, 1, Some("a")).await;
+    let (ws, first) = srv.connect(&a.node_secret, 51820, &[]).await;
+    let relay = relay_of(&map_of(first));
+    assert_eq!(relay.udp, srv.edge.to_string());
+    assert_eq!(relay.ws_path, "/api/v1/relay");
+    let now = trellis_control::api::now();
+    assert!(
+        (now + 86_400 - 5..=now + 86_400 + 5).contains(&relay.expires_at),
+        "valid for 24 h: {}",
+        relay.expires_at
+    );
+
+    let secret_path = dir.path().join("relay.secret");
+    let mode = std::fs::metadata(&secret_path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let secret = std::fs::read(&secret_path).unwrap();
+    assert_eq!(secret.len(), 32);
+
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let answer = udp_register(&sock, relay.udp.parse().unwrap(), &relay.token).await;
+    assert_eq!(answer[0], FRAME_REGISTERED);
+    assert_eq!(decode_registered(&answer), Some(sock.local_addr().unwrap()));
+    drop(ws);
+    srv.stop().await;
+
+    // Same secret after a restart: the token still works on the new edge.
+    let srv = Running::start(dir.path()).await;
+    assert_eq!(std::fs::read(&secret_path).unwrap(), secret);
+    let answer = udp_register(&sock, srv.edge, &relay.token).await;
+    assert_eq!(answer[0], FRAME_REGISTERED, "{answer:?}");
+    // A forged token is refused with a reason.
+    let forged = format!("{}0", &relay.token[..relay.token.len() - 1]);
+    let answer = udp_register(&sock, srv.edge, &forged).await;
+    assert_eq!(answer[0], FRAME_REFUSED);
+    assert!(String::from_utf8_lossy(&answer[1..]).contains("token"));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn reflexive_address_comes_first_and_its_changes_are_pushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+    let token = srv.token(&srv.admin, None, json!({"reusable": true})).await;
+    let a = srv.enroll(&token, 1, Some("a")).await;
+    let b = srv.enroll(&token, 2, Some("b")).await;
+    let (mut wa, _) = srv.connect(&a.node_secret, 1000, &["198.18.0.1"]).await;
+
+    let mut wb = srv.connect_raw(&b.node_secret).await.unwrap();
+    hello_reflexive(&mut wb, 2000, &["198.18.0.2"], Some("198.18.5.5:40000")).await;
+    let map_b = map_of(next_msg(&mut wb, Duration::from_secs(2)).await);
+    assert!(map_b.relay.is_some());
+    match next_msg(&mut wa, Duration::from_secs(1)).await {
+        ServerMessage::Delta { upsert, .. } => {
+            let eps: Vec<String> = upsert[0].endpoints.iter().map(|e| e.to_string()).collect();
+            // observed_ip is 127.0.0.1 here, which is filtered out.
+            assert_eq!(eps, ["198.18.5.5:40000", "198.18.0.2:2000"]);
+        }
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    // The NAT gave a new mapping: pushed as a delta.
+    hello_reflexive(&mut wb, 2000, &["198.18.0.2"], Some("198.18.5.5:40001")).await;
+    match next_msg(&mut wa, Duration::from_secs(1)).await {
+        ServerMessage::Delta { upsert, relay, .. } => {
+            assert!(relay.is_none());
+            assert_eq!(upsert[0].endpoints[0].to_string(), "198.18.5.5:40001");
+        }
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    // A reflexive address equal to a local one is listed once; loopback never.
+    hello_reflexive(&mut wb, 2000, &["198.18.0.2"], Some("198.18.0.2:2000")).await;
+    match next_msg(&mut wa, Duration::from_secs(1)).await {
+        ServerMessage::Delta { upsert, .. } => {
+            let eps: Vec<String> = upsert[0].endpoints.iter().map(|e| e.to_string()).collect();
+            assert_eq!(eps, ["198.18.0.2:2000"]);
+        }
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    hello_reflexive(&mut wb, 2000, &["198.18.0.2"], Some("127.0.0.1:9")).await;
+    expect_silence(&mut wa, Duration::from_millis(300)).await;
+    let nodes = srv.nodes(&srv.admin, None).await;
+    assert_eq!(nodes[1].endpoints[0].to_string(), "198.18.0.2:2000");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn nodes_relay_over_websockets_and_udp() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+    let token = srv.token(&srv.admin, None, json!({"reusable": true})).await;
+    let a = srv.enroll(&token, 1, Some("a")).await;
+    let b = srv.enroll(&token, 2, Some("b")).await;
+    let c = srv.enroll(&token, 3, Some("c")).await;
+
+    // No credential, or a bad one: JSON 401 before upgrading.
+    match srv.relay_raw("trn_nope").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 401);
+            let body = resp.body().clone().unwrap_or_default();
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            assert!(err_text(&v).contains("not recognised"), "{v}");
+        }
+        other => panic!("expected an HTTP 401, got {:?}", other.map(|_| ())),
+    }
+
+    let mut ra = srv.relay_ws(&a.node_secret, 1).await;
+    let mut rb = srv.relay_ws(&b.node_secret, 2).await;
+    ra.send(Message::Binary(relay_send(2, b"wireguard bytes").into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_binary(&mut rb).await,
+        relay_recv(1, b"wireguard bytes")
+    );
+    rb.send(Message::Binary(relay_send(1, b"back").into()))
+        .await
+        .unwrap();
+    assert_eq!(next_binary(&mut ra).await, relay_recv(2, b"back"));
+    // Junk is dropped, not fatal.
+    ra.send(Message::Binary(vec![0x99u8; 3].into()))
+        .await
+        .unwrap();
+    ra.send(Message::Text("hi".into())).await.unwrap();
+
+    // c is on UDP with the token from its map.
+    let (_wc, first) = srv.connect(&c.node_secret, 3000, &[]).await;
+    let relay = relay_of(&map_of(first));
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let edge: SocketAddr = relay.udp.parse().unwrap();
+    assert_eq!(
+        udp_register(&sock, edge, &relay.token).await[0],
+        FRAME_REGISTERED
+    );
+    ra.send(Message::Binary(relay_send(3, b"to udp").into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        udp_recv(&sock, Duration::from_secs(2)).await.unwrap(),
+        relay_recv(1, b"to udp")
+    );
+    sock.send_to(&relay_send(1, b"to ws"), edge).await.unwrap();
+    assert_eq!(next_binary(&mut ra).await, relay_recv(3, b"to ws"));
+    let stats = srv.relay.stats();
+    assert_eq!(stats.relayed_packets, 4);
+    assert_eq!(stats.dropped_malformed, 1);
+
+    // A second relay connection of a replaces the first, which is closed.
+    let mut ra2 = srv.relay_raw(&a.node_secret).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match ra.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the replaced relay connection is closed");
+    rb.send(Message::Binary(relay_send(1, b"new").into()))
+        .await
+        .unwrap();
+    assert_eq!(next_binary(&mut ra2).await, relay_recv(2, b"new"));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_deleted_node_is_refused_by_the_relay_and_its_websocket_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+    let token = srv.token(&srv.admin, None, json!({"reusable": true})).await;
+    let a = srv.enroll(&token, 1, Some("a")).await;
+    let b = srv.enroll(&token, 2, Some("b")).await;
+    let (_wb, first) = srv.connect(&b.node_secret, 2000, &[]).await;
+    let relay = relay_of(&map_of(first));
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    assert_eq!(
+        udp_register(&sock, srv.edge, &relay.token).await[0],
+        FRAME_REGISTERED
+    );
+    let mut ra = srv.relay_ws(&a.node_secret, 1).await;
+    let mut rb = srv.relay_ws(&b.node_secret, 2).await;
+
+    let (status, _) = srv.delete(&srv.admin, "/nodes/b").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let closed = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match rb.next().await {
+                None | Some(Err(_)) => return None,
+                Some(Ok(Message::Close(f))) => return f,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .expect("b's relay closed within 1 s");
+    assert!(closed.is_some_and(|f| f.reason.contains("removed")));
+
+    // Its unexpired token is refused, frames to it go nowhere, its secret opens nothing.
+    let answer = udp_register(&sock, srv.edge, &relay.token).await;
+    assert_eq!(answer[0], FRAME_REFUSED);
+    assert!(String::from_utf8_lossy(&answer[1..]).contains("removed"));
+    sock.send_to(&relay_send(1, b"still here?"), srv.edge)
+        .await
+        .unwrap();
+    no_binary(&mut ra, Duration::from_millis(300)).await;
+    ra.send(Message::Binary(relay_send(2, b"hello?").into()))
+        .await
+        .unwrap();
+    assert!(udp_recv(&sock, Duration::from_millis(300)).await.is_none());
+    match srv.relay_raw(&b.node_secret).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!("expected an HTTP 401, got {:?}", other.map(|_| ())),
+    }
+    drop(ra);
+    srv.stop().await;
+
+    // Still refused after a restart.
+    let srv = Running::start(dir.path()).await;
+    let answer = udp_register(&sock, srv.edge, &relay.token).await;
+    assert_eq!(answer[0], FRAME_REFUSED, "{answer:?}");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn relay_never_crosses_accounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+    let (_, v) = srv
+        .post(Some(&srv.admin), "/accounts", json!({"name": "acme"}))
+        .await;
+    let acme: CreateAccountResponse = serde_json::from_value(v).unwrap();
+    let td = srv.token(&srv.admin, None, json!({})).await;
+    let ta = srv.token(&acme.api_key, None, json!({})).await;
+    let d = srv.enroll(&td, 1, Some("d")).await;
+    let x = srv.enroll(&ta, 2, Some("x")).await;
+
+    let mut rd = srv.relay_ws(&d.node_secret, 1).await;
+    let mut rx = srv.relay_ws(&x.node_secret, 2).await;
+    rd.send(Message::Binary(relay_send(2, b"over the wall").into()))
+        .await
+        .unwrap();
+    rx.send(Message::Binary(relay_send(1, b"over the wall").into()))
+        .await
+        .unwrap();
+
+    // Over UDP too.
+    let (_wd, first) = srv.connect(&d.node_secret, 1000, &[]).await;
+    let token = relay_of(&map_of(first)).token;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    assert_eq!(
+        udp_register(&sock, srv.edge, &token).await[0],
+        FRAME_REGISTERED
+    );
+    sock.send_to(&relay_send(2, b"over the wall"), srv.edge)
+        .await
+        .unwrap();
+    rx.send(Message::Binary(relay_send(1, b"over the wall").into()))
+        .await
+        .unwrap();
+
+    no_binary(&mut rx, Duration::from_millis(400)).await;
+    no_binary(&mut rd, Duration::from_millis(100)).await;
+    assert!(udp_recv(&sock, Duration::from_millis(100)).await.is_none());
+    let stats = srv.relay.stats();
+    assert_eq!(stats.relayed_packets, 0);
+    assert_eq!(stats.dropped_cross_account, 4);
     srv.stop().await;
 }

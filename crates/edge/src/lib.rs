@@ -1,46 +1,84 @@
-//! The edge: where nodes discover their public endpoints (STUN), and — in
-//! later work — the relay for nodes that cannot reach each other directly and
-//! the fetch gateway for bindings. `trellis server` runs it next to the
-//! control plane.
+//! The edge: where nodes discover their public endpoints (STUN) and the relay
+//! for nodes that cannot reach each other directly (UDP here, WebSocket
+//! through the control plane's HTTP port); later also the fetch gateway for
+//! bindings. `trellis server` runs it next to the control plane.
 
+pub mod relay;
 pub mod stun;
+pub mod token;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::UdpSocket;
+use tokio::time::MissedTickBehavior;
 
-/// The edge's UDP listener.
+pub use relay::{DropReason, Outcome, RelayHub, RelayStats, Revoked};
+
+/// Largest UDP payload.
+const MAX_DATAGRAM: usize = 65_535;
+/// How often stale relay registrations are dropped.
+const EXPIRE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The edge's UDP listener: answers STUN and drives a [`RelayHub`].
 pub struct EdgeUdp {
     socket: UdpSocket,
+    hub: Arc<RelayHub>,
+    outbox: relay::UdpOutbox,
 }
 
 impl EdgeUdp {
-    pub async fn bind(addr: SocketAddr) -> anyhow::Result<EdgeUdp> {
-        let socket = UdpSocket::bind(addr)
-            .await
-            .with_context(|| format!("binding the edge UDP port {addr}"))?;
-        Ok(EdgeUdp { socket })
+    /// Binds `addr` and takes `hub`'s UDP outbox (a hub drives one socket).
+    pub async fn bind(addr: SocketAddr, hub: Arc<RelayHub>) -> anyhow::Result<EdgeUdp> {
+        let socket = UdpSocket::bind(addr).await.with_context(|| {
+            format!("binding the edge UDP port {addr} (is another server using it?)")
+        })?;
+        let outbox = hub
+            .take_udp_outbox()
+            .context("this relay hub already drives another edge UDP socket")?;
+        Ok(EdgeUdp {
+            socket,
+            hub,
+            outbox,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.socket.local_addr()
     }
 
-    /// Answers discovery probes until the task is dropped.
-    pub async fn serve(self) {
-        let mut buf = vec![0u8; 2048];
-        let mut out = [0u8; 128];
+    /// Answers discovery probes and relays frames until the task is dropped.
+    pub async fn serve(mut self) {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut out = Vec::with_capacity(MAX_DATAGRAM);
+        let mut expire = tokio::time::interval(EXPIRE_INTERVAL);
+        expire.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            let (n, from) = match self.socket.recv_from(&mut buf).await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::debug!(error = %e, "edge UDP receive error");
-                    continue;
+            tokio::select! {
+                received = self.socket.recv_from(&mut buf) => {
+                    let (n, from) = match received {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "edge UDP receive error");
+                            continue;
+                        }
+                    };
+                    if let Outcome::Send(to) = self.hub.handle_udp(Instant::now(), from, &buf[..n], &mut out) {
+                        if let Err(e) = self.socket.send_to(&out, to).await {
+                            tracing::debug!(error = %e, %to, "edge UDP send error");
+                        }
+                    }
                 }
-            };
-            if let Some(len) = stun::respond(&buf[..n], from, &mut out) {
-                let _ = self.socket.send_to(&out[..len], from).await;
+                Some((to, datagram)) = self.outbox.recv() => {
+                    if let Err(e) = self.socket.send_to(&datagram, to).await {
+                        tracing::debug!(error = %e, %to, "edge UDP send error");
+                    }
+                }
+                _ = expire.tick() => {
+                    self.hub.expire(Instant::now());
+                }
             }
         }
     }
@@ -49,26 +87,96 @@ impl EdgeUdp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use trellis_proto::frames::{
+        decode_registered, FRAME_REGISTER, FRAME_RELAY_RECV, FRAME_RELAY_SEND,
+    };
+
+    const SECRET: [u8; 32] = [4; 32];
+
+    async fn start() -> (SocketAddr, Arc<RelayHub>, tokio::task::JoinHandle<()>) {
+        let hub = Arc::new(RelayHub::new(SECRET));
+        let edge = EdgeUdp::bind("127.0.0.1:0".parse().unwrap(), hub.clone())
+            .await
+            .unwrap();
+        let addr = edge.local_addr().unwrap();
+        (addr, hub, tokio::spawn(edge.serve()))
+    }
+
+    async fn recv(sock: &UdpSocket) -> Vec<u8> {
+        let mut buf = [0u8; 2048];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        buf[..n].to_vec()
+    }
 
     #[tokio::test]
     async fn answers_a_real_binding_request_on_loopback() {
-        let edge = EdgeUdp::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = edge.local_addr().unwrap();
-        let task = tokio::spawn(edge.serve());
+        let (addr, _hub, task) = start().await;
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let txid = [3u8; 12];
         client.send_to(&stun::request(&txid), addr).await.unwrap();
-        let mut buf = [0u8; 256];
-        let (n, _) = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            client.recv_from(&mut buf),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let answer = recv(&client).await;
         assert_eq!(
-            stun::parse_response(&buf[..n], &txid),
+            stun::parse_response(&answer, &txid),
             Some(client.local_addr().unwrap())
+        );
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn two_nodes_relay_through_a_running_edge() {
+        let (addr, hub, task) = start().await;
+        let expires = hub.unix_at(Instant::now()) + 3600;
+        let keys = [[1u8; 32], [2u8; 32]];
+        let mut nodes = Vec::new();
+        for key in &keys {
+            let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let mut frame = vec![FRAME_REGISTER];
+            frame.extend_from_slice(hub.issue_token(7, key, expires).as_bytes());
+            sock.send_to(&frame, addr).await.unwrap();
+            let answer = recv(&sock).await;
+            assert_eq!(decode_registered(&answer), Some(sock.local_addr().unwrap()));
+            nodes.push(sock);
+        }
+        for (from, to) in [(0usize, 1usize), (1, 0)] {
+            let payload = format!("hello from {from}");
+            let mut frame = vec![FRAME_RELAY_SEND];
+            frame.extend_from_slice(&keys[to]);
+            frame.extend_from_slice(payload.as_bytes());
+            nodes[from].send_to(&frame, addr).await.unwrap();
+            let got = recv(&nodes[to]).await;
+            assert_eq!(got[0], FRAME_RELAY_RECV);
+            assert_eq!(&got[1..33], &keys[from]);
+            assert_eq!(&got[33..], payload.as_bytes());
+        }
+        assert_eq!(hub.stats().relayed_packets, 2);
+
+        // A WebSocket client reaches a UDP node through the edge's socket.
+        let c = [3u8; 32];
+        let (_id, _rx) = hub.attach_ws(7, &c).unwrap();
+        let mut frame = vec![FRAME_RELAY_SEND];
+        frame.extend_from_slice(&keys[0]);
+        frame.extend_from_slice(b"via ws");
+        assert_eq!(
+            hub.handle_ws_frame(Instant::now(), &c, &frame),
+            Outcome::Queued
+        );
+        let got = recv(&nodes[0]).await;
+        assert_eq!(&got[1..33], &c);
+        assert_eq!(&got[33..], b"via ws");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_taken_port_is_a_clear_error() {
+        let (addr, _hub, task) = start().await;
+        let other = Arc::new(RelayHub::new(SECRET));
+        let err = EdgeUdp::bind(addr, other).await.err().expect("port taken");
+        assert!(
+            format!("{err:#}").contains("binding the edge UDP port"),
+            "{err:#}"
         );
         task.abort();
     }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use trellis_tunnel::{Action, Tunnel, MIN_BUFFER};
+use trellis_tunnel::{Action, PingError, PingResult, Tunnel, Via, MIN_BUFFER};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
 /// Packets read from the TUN device per batch.
@@ -49,8 +49,12 @@ pub struct Counters {
     pub send_errors: AtomicU64,
 }
 
+/// Where frames for the TCP relay go (the node agent's WebSocket task).
+pub type RelayTcpSink = Box<dyn Fn(&[u8]) + Send + Sync>;
+
 struct Shared {
     tunnel: Mutex<Tunnel>,
+    relay_tcp: Mutex<Option<RelayTcpSink>>,
     tun: SyncDevice,
     udp: UdpSocket,
     udp_state: UdpSocketState,
@@ -93,6 +97,7 @@ impl DataPlane {
 
         let shared = Arc::new(Shared {
             tunnel: Mutex::new(tunnel),
+            relay_tcp: Mutex::new(None),
             tun,
             udp,
             udp_state,
@@ -135,6 +140,86 @@ impl DataPlane {
     /// the packet threads wait on it.
     pub fn tunnel(&self) -> MutexGuard<'_, Tunnel> {
         lock(&self.shared.tunnel)
+    }
+
+    /// Connects (or disconnects) the TCP relay: frames the core sends over it
+    /// go to `sink`, and the core may choose the `relay-tcp` path.
+    pub fn set_relay_tcp(&self, sink: Option<RelayTcpSink>) {
+        let up = sink.is_some();
+        *self
+            .shared
+            .relay_tcp
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = sink;
+        self.tunnel().set_tcp_relay(up);
+    }
+
+    /// A frame that came in over the TCP relay.
+    pub fn handle_relay_tcp_frame(&self, frame: &[u8]) {
+        let mut out = vec![0u8; frame.len() + MIN_BUFFER];
+        let mut sends: Vec<Out> = Vec::new();
+        let mut ctrl = vec![0u8; 4 * 2048];
+        let mut ccur = 0;
+        let mut deliver = None;
+        {
+            let now = Instant::now();
+            let mut tunnel = lock(&self.shared.tunnel);
+            match tunnel.handle_relay_tcp_frame(now, frame, &mut out) {
+                Action::Deliver { offset, len } => deliver = Some((offset, len)),
+                Action::Send { to, offset, len } => {
+                    push_ctrl(
+                        &mut ctrl,
+                        &mut ccur,
+                        &mut sends,
+                        Some(to),
+                        &out[offset..offset + len],
+                    );
+                    flush_into(&mut tunnel, now, &mut ctrl, &mut ccur, &mut sends);
+                }
+                Action::SendRelayTcp { offset, len } => {
+                    push_ctrl(
+                        &mut ctrl,
+                        &mut ccur,
+                        &mut sends,
+                        None,
+                        &out[offset..offset + len],
+                    );
+                    flush_into(&mut tunnel, now, &mut ctrl, &mut ccur, &mut sends);
+                }
+                Action::Drop(reason) => tracing::trace!(%reason, "relayed frame dropped"),
+                Action::None => {}
+            }
+        }
+        if let Some((offset, len)) = deliver {
+            write_tun(&self.shared, &out[offset..offset + len]);
+        }
+        send_all(&self.shared, &ctrl, &sends);
+    }
+
+    /// Sends one probe to a peer over its current path (`trellis ping`).
+    pub fn ping(&self, peer: &[u8; 32]) -> Result<u64, PingError> {
+        let mut out = vec![0u8; 512];
+        let (txid, action) = self.tunnel().ping(Instant::now(), peer, &mut out)?;
+        let mut sends = Vec::new();
+        match action {
+            Action::Send { to, offset, len } => sends.push(Out {
+                to: Some(to),
+                offset,
+                len,
+            }),
+            Action::SendRelayTcp { offset, len } => sends.push(Out {
+                to: None,
+                offset,
+                len,
+            }),
+            _ => {}
+        }
+        send_all(&self.shared, &out, &sends);
+        Ok(txid)
+    }
+
+    pub fn ping_result(&self, txid: u64) -> Option<PingResult> {
+        self.tunnel().ping_result(txid)
     }
 
     pub fn counters(&self) -> &Counters {
@@ -200,7 +285,8 @@ fn wait_fd(fd: RawFd, events: i16, timeout_ms: i32) -> bool {
 /// batch buffer at `offset..offset+len`.
 #[derive(Clone, Copy)]
 struct Out {
-    to: SocketAddr,
+    /// `None`: a frame for the TCP relay.
+    to: Option<SocketAddr>,
     offset: usize,
     len: usize,
 }
@@ -212,6 +298,18 @@ fn send_all(s: &Shared, buf: &[u8], outs: &[Out]) {
     let mut i = 0;
     while i < outs.len() {
         let first = outs[i];
+        let Some(destination) = first.to else {
+            if let Some(sink) = s
+                .relay_tcp
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                sink(&buf[first.offset..first.offset + first.len]);
+            }
+            i += 1;
+            continue;
+        };
         let mut j = i + 1;
         let mut end = first.offset + first.len;
         while j < outs.len()
@@ -226,7 +324,7 @@ fn send_all(s: &Shared, buf: &[u8], outs: &[Out]) {
             j += 1;
         }
         let transmit = Transmit {
-            destination: first.to,
+            destination,
             ecn: None,
             contents: &buf[first.offset..end],
             segment_size: (j - i > 1).then_some(first.len),
@@ -300,7 +398,15 @@ fn tun_loop(s: &Shared) {
                 match tunnel.handle_tun_packet(now, packet, &mut out[cursor..]) {
                     Action::Send { to, offset, len } => {
                         outs.push(Out {
-                            to,
+                            to: Some(to),
+                            offset: cursor + offset,
+                            len,
+                        });
+                        cursor += offset + len;
+                    }
+                    Action::SendRelayTcp { offset, len } => {
+                        outs.push(Out {
+                            to: None,
                             offset: cursor + offset,
                             len,
                         });
@@ -376,27 +482,14 @@ fn udp_loop(s: &Shared) {
                                 pcur += offset + len;
                             }
                             Action::Send { to, offset, len } => {
-                                push_ctrl(
-                                    &mut ctrl,
-                                    &mut ccur,
-                                    &mut ctrl_outs,
-                                    to,
-                                    &plain[pcur + offset..pcur + offset + len],
-                                );
-                                let mut scratch = [0u8; 2048];
-                                loop {
-                                    match tunnel.poll_flush(&mut scratch) {
-                                        Action::Send { to, offset, len } => push_ctrl(
-                                            &mut ctrl,
-                                            &mut ccur,
-                                            &mut ctrl_outs,
-                                            to,
-                                            &scratch[offset..offset + len],
-                                        ),
-                                        Action::None => break,
-                                        _ => {}
-                                    }
-                                }
+                                let bytes = &plain[pcur + offset..pcur + offset + len];
+                                push_ctrl(&mut ctrl, &mut ccur, &mut ctrl_outs, Some(to), bytes);
+                                flush_into(&mut tunnel, now, &mut ctrl, &mut ccur, &mut ctrl_outs);
+                            }
+                            Action::SendRelayTcp { offset, len } => {
+                                let bytes = &plain[pcur + offset..pcur + offset + len];
+                                push_ctrl(&mut ctrl, &mut ccur, &mut ctrl_outs, None, bytes);
+                                flush_into(&mut tunnel, now, &mut ctrl, &mut ccur, &mut ctrl_outs);
                             }
                             Action::Drop(reason) => {
                                 s.counters.dropped.fetch_add(1, Ordering::Relaxed);
@@ -418,12 +511,35 @@ fn udp_loop(s: &Shared) {
     }
 }
 
+/// Collects the packets a completed handshake released.
+fn flush_into(
+    tunnel: &mut Tunnel,
+    now: Instant,
+    ctrl: &mut [u8],
+    ccur: &mut usize,
+    outs: &mut Vec<Out>,
+) {
+    let mut scratch = [0u8; 2048];
+    loop {
+        match tunnel.poll_flush(now, &mut scratch) {
+            Action::Send { to, offset, len } => {
+                push_ctrl(ctrl, ccur, outs, Some(to), &scratch[offset..offset + len])
+            }
+            Action::SendRelayTcp { offset, len } => {
+                push_ctrl(ctrl, ccur, outs, None, &scratch[offset..offset + len])
+            }
+            Action::None => break,
+            _ => {}
+        }
+    }
+}
+
 /// Keeps a handshake reply or a flushed packet for sending after the lock is released.
 fn push_ctrl(
     buf: &mut [u8],
     cursor: &mut usize,
     outs: &mut Vec<Out>,
-    to: SocketAddr,
+    to: Option<SocketAddr>,
     bytes: &[u8],
 ) {
     if *cursor + bytes.len() > buf.len() {
@@ -466,7 +582,11 @@ fn timer_loop(s: &Shared) {
         let mut cursor = 0;
         {
             let mut tunnel = lock(&s.tunnel);
-            tunnel.poll_timers(Instant::now(), &mut out, |to, bytes| {
+            tunnel.poll_timers(Instant::now(), &mut out, |via, bytes| {
+                let to = match via {
+                    Via::Udp(a) => Some(a),
+                    Via::RelayTcp => None,
+                };
                 push_ctrl(&mut buf, &mut cursor, &mut outs, to, bytes);
             });
         }

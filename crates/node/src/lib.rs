@@ -5,7 +5,7 @@ pub mod state;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,9 +22,10 @@ use trellis_proto::{
     ApiError, EnrollRequest, EnrollResponse, NetworkMap, NodeKey, NodeMessage, Peer, ServerMessage,
     DEFAULT_MTU,
 };
-use trellis_tunnel::{PeerConfig, PublicKey, StaticSecret, Tunnel};
+use trellis_tunnel::{PeerConfig, PublicKey, RelayStatus, StaticSecret, Tunnel};
 
 use state::{NodeState, StateDir};
+use trellis_proto::RelayInfo;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -33,7 +34,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(35);
 const RECONNECT_MIN: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(3);
-const LOCAL_ADDR_CHECK: Duration = Duration::from_secs(5);
+/// How often the agent looks for a change of its own addresses (roaming) and
+/// of its reflexive address.
+const LOCAL_ADDR_CHECK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct JoinOptions {
@@ -85,7 +88,7 @@ pub async fn run(opts: JoinOptions, shutdown: impl Future<Output = ()>) -> anyho
 
     let listener = bind_status_socket(&dir).await?;
 
-    let tunnel = Tunnel::new(key.clone());
+    let tunnel = Tunnel::new(key.clone(), rand::random::<u64>());
     let dp = DataPlane::start(
         &DataPlaneConfig {
             ifname: opts.ifname.clone(),
@@ -110,6 +113,7 @@ pub async fn run(opts: JoinOptions, shutdown: impl Future<Output = ()>) -> anyho
         inner: Mutex::new(AgentInner {
             map: None,
             connected: false,
+            relay: None,
         }),
         dir,
         ifname: opts.ifname.clone(),
@@ -130,11 +134,14 @@ pub async fn run(opts: JoinOptions, shutdown: impl Future<Output = ()>) -> anyho
     );
 
     let status_task = tokio::spawn(serve_status(listener, agent.clone()));
+    let relay_task = tokio::spawn(relay_tcp_loop(agent.clone(), state.clone()));
     let result = tokio::select! {
         r = control_loop(agent.clone(), state.clone()) => r,
         _ = shutdown => Ok(()),
     };
     status_task.abort();
+    relay_task.abort();
+    agent.dp.set_relay_tcp(None);
     let _ = std::fs::remove_file(agent.dir.socket_path());
     result
 }
@@ -214,6 +221,7 @@ struct Agent {
 struct AgentInner {
     map: Option<NetworkMap>,
     connected: bool,
+    relay: Option<RelayInfo>,
 }
 
 fn peer_config(p: &Peer) -> PeerConfig {
@@ -244,6 +252,24 @@ impl Agent {
             }
         }
         self.lock().map = Some(map);
+    }
+
+    /// Points the tunnel at the edge's relay (resolving its host name).
+    async fn apply_relay(&self, info: Option<RelayInfo>) {
+        let Some(info) = info else {
+            return;
+        };
+        let addr = match tokio::net::lookup_host(info.udp.as_str()).await {
+            Ok(mut addrs) => addrs.find(|a| a.is_ipv4()),
+            Err(e) => {
+                tracing::warn!(edge = %info.udp, error = %e, "cannot resolve the edge; relaying over UDP is off");
+                None
+            }
+        };
+        if let Some(addr) = addr {
+            self.dp.tunnel().set_relay(Some((addr, info.token.clone())));
+        }
+        self.lock().relay = Some(info);
     }
 
     fn apply_delta(
@@ -304,7 +330,7 @@ impl Agent {
         let peers = self
             .dp
             .tunnel()
-            .status()
+            .status(Instant::now())
             .into_iter()
             .map(|p| PeerStatusJson {
                 name: p.name,
@@ -315,14 +341,27 @@ impl Agent {
                     .unwrap_or(Ipv4Addr::UNSPECIFIED),
                 public_key: NodeKey(p.public_key).to_string(),
                 path: p.path.map(|x| x.kind()).unwrap_or("none").to_string(),
-                endpoint: p.path.map(|x| x.endpoint().to_string()),
+                endpoint: p.path.and_then(|x| x.endpoint()).map(|e| e.to_string()),
                 last_handshake_secs: p.stats.since_last_handshake.map(|d| d.as_secs()),
                 rx_bytes: p.stats.rx_bytes,
                 tx_bytes: p.stats.tx_bytes,
                 online: online.get(&p.public_key).copied().unwrap_or(false),
             })
             .collect();
+        let (relay, reflexive) = {
+            let t = self.dp.tunnel();
+            let relay = match t.relay_status(Instant::now()) {
+                RelayStatus::None => "none".to_string(),
+                RelayStatus::Udp => "udp".to_string(),
+                RelayStatus::Tcp => "tcp".to_string(),
+                RelayStatus::Down => "down".to_string(),
+                RelayStatus::Refused(r) => format!("refused: {r}"),
+            };
+            (relay, t.reflexive().map(|a| a.to_string()))
+        };
         Status {
+            relay,
+            reflexive,
             name,
             ip,
             account,
@@ -351,6 +390,10 @@ pub struct Status {
     pub listen_port: u16,
     pub server: String,
     pub control: &'static str,
+    /// The edge relay: none, udp, tcp, down, or "refused: <why>".
+    pub relay: String,
+    /// The address the edge sees this node's WireGuard socket at.
+    pub reflexive: Option<String>,
     pub peers: Vec<PeerStatusJson>,
 }
 
@@ -406,6 +449,10 @@ async fn control_loop(agent: Arc<Agent>, state: NodeState) -> anyhow::Result<()>
 }
 
 fn stream_url(server: &str) -> String {
+    ws_url(server, "/api/v1/node/stream")
+}
+
+fn ws_url(server: &str, path: &str) -> String {
     let base = if let Some(rest) = server.strip_prefix("https://") {
         format!("wss://{rest}")
     } else if let Some(rest) = server.strip_prefix("http://") {
@@ -413,13 +460,18 @@ fn stream_url(server: &str) -> String {
     } else {
         format!("ws://{server}")
     };
-    format!("{base}/api/v1/node/stream")
+    format!("{base}{path}")
 }
 
-fn hello(agent: &Agent, local_addrs: &[IpAddr]) -> anyhow::Result<Message> {
+fn hello(
+    agent: &Agent,
+    local_addrs: &[IpAddr],
+    reflexive: Option<SocketAddr>,
+) -> anyhow::Result<Message> {
     let m = NodeMessage::Hello {
         listen_port: agent.dp.listen_port(),
         local_addrs: local_addrs.to_vec(),
+        reflexive,
         os: std::env::consts::OS.to_string(),
         version: VERSION.to_string(),
     };
@@ -454,7 +506,8 @@ async fn stream_once(agent: &Arc<Agent>, state: &NodeState) -> anyhow::Result<Fa
     };
     let (mut tx, mut rx) = ws.split();
     let mut addrs = local_addrs(&agent.ifname);
-    tx.send(hello(agent, &addrs)?).await?;
+    let mut reflexive = agent.dp.tunnel().reflexive();
+    tx.send(hello(agent, &addrs, reflexive)?).await?;
     agent.lock().connected = true;
     tracing::info!(server = %state.server, "control stream connected");
     let mut check = tokio::time::interval(LOCAL_ADDR_CHECK);
@@ -479,11 +532,14 @@ async fn stream_once(agent: &Arc<Agent>, state: &NodeState) -> anyhow::Result<Fa
                         match m {
                             ServerMessage::Map(map) => {
                                 tracing::info!(peers = map.peers.len(), "network map received");
+                                let relay = map.relay.clone();
                                 agent.apply_full(map, true);
+                                agent.apply_relay(relay).await;
                             }
-                            ServerMessage::Delta { self_node, upsert, remove } => {
+                            ServerMessage::Delta { self_node, upsert, remove, relay } => {
                                 tracing::info!(upsert = upsert.len(), remove = remove.len(), "network map update");
                                 agent.apply_delta(self_node, upsert, remove);
+                                agent.apply_relay(relay).await;
                             }
                             ServerMessage::Removed { reason } => return Ok(Fatal::Removed(reason)),
                         }
@@ -495,14 +551,188 @@ async fn stream_once(agent: &Arc<Agent>, state: &NodeState) -> anyhow::Result<Fa
             }
             _ = check.tick() => {
                 let now = local_addrs(&agent.ifname);
+                let mut changed = false;
                 if now != addrs {
-                    tracing::info!("local addresses changed; telling the control plane");
+                    tracing::info!("local addresses changed (roaming); re-registering and re-probing");
                     addrs = now;
-                    tx.send(hello(agent, &addrs)?).await?;
+                    agent.dp.tunnel().reregister_now(Instant::now());
+                    changed = true;
+                }
+                let r = agent.dp.tunnel().reflexive();
+                if r != reflexive {
+                    reflexive = r;
+                    changed = true;
+                }
+                if changed {
+                    tx.send(hello(agent, &addrs, reflexive)?).await?;
                 }
             }
         }
     }
+}
+
+/// Keeps the TCP relay (a WebSocket to the edge on the server's HTTP port)
+/// connected, so that a node whose UDP is blocked still reaches its peers.
+async fn relay_tcp_loop(agent: Arc<Agent>, state: NodeState) {
+    let mut backoff = RECONNECT_MIN;
+    loop {
+        let path = agent.lock().relay.as_ref().map(|r| r.ws_path.clone());
+        let Some(path) = path else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        let started = Instant::now();
+        if let Err(e) = relay_tcp_once(&agent, &state, &path).await {
+            tracing::debug!(error = %format!("{e:#}"), "TCP relay connection ended");
+        }
+        agent.dp.set_relay_tcp(None);
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = RECONNECT_MIN;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RECONNECT_MAX);
+    }
+}
+
+async fn relay_tcp_once(agent: &Arc<Agent>, state: &NodeState, path: &str) -> anyhow::Result<()> {
+    let mut req = ws_url(&state.server, path).into_client_request()?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", state.node_secret).parse()?,
+    );
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    .context("connecting the TCP relay timed out")??;
+    let (mut tx, mut rx) = ws.split();
+    let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1024);
+    agent.dp.set_relay_tcp(Some(Box::new(move |frame: &[u8]| {
+        // Full queue: drop, like a congested link; WireGuard and TCP recover.
+        let _ = frames_tx.try_send(frame.to_vec());
+    })));
+    tracing::info!("TCP relay connected");
+    loop {
+        tokio::select! {
+            f = frames_rx.recv() => match f {
+                Some(f) => tx.send(Message::Binary(f.into())).await?,
+                None => bail!("relay sink closed"),
+            },
+            m = tokio::time::timeout(STREAM_IDLE_TIMEOUT, rx.next()) => {
+                match m.context("the TCP relay went silent")? {
+                    None => bail!("the edge closed the TCP relay"),
+                    Some(Err(e)) => return Err(e.into()),
+                    Some(Ok(Message::Binary(b))) => agent.dp.handle_relay_tcp_frame(&b),
+                    Some(Ok(Message::Ping(p))) => tx.send(Message::Pong(p)).await?,
+                    Some(Ok(Message::Close(_))) => bail!("the edge closed the TCP relay"),
+                    Some(Ok(_)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// One line of `trellis ping` output, as JSON.
+#[derive(Debug, Serialize)]
+struct PingLine {
+    seq: u32,
+    peer: String,
+    ip: Ipv4Addr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rtt_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    endpoint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Pings a peer (by name or overlay IP) `count` times, writing one JSON line per reply.
+async fn ping_peer(
+    agent: &Agent,
+    target: &str,
+    count: u32,
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+) -> anyhow::Result<()> {
+    let peer = agent
+        .dp
+        .tunnel()
+        .status(Instant::now())
+        .into_iter()
+        .find(|p| p.name == target || p.allowed_ips.iter().any(|n| n.addr().to_string() == target))
+        .with_context(|| format!("no peer named or addressed {target:?}"))?;
+    let ip = peer
+        .allowed_ips
+        .first()
+        .map(|n| n.addr())
+        .unwrap_or(Ipv4Addr::UNSPECIFIED);
+    for seq in 0..count {
+        let started = Instant::now();
+        let mut line = PingLine {
+            seq,
+            peer: peer.name.clone(),
+            ip,
+            rtt_ms: None,
+            path: None,
+            endpoint: None,
+            error: None,
+        };
+        match agent.dp.ping(&peer.public_key) {
+            Err(e) => line.error = Some(e.to_string()),
+            Ok(txid) => loop {
+                if let Some(r) = agent.dp.ping_result(txid) {
+                    line.rtt_ms = Some(r.rtt.as_secs_f64() * 1000.0);
+                    line.path = Some(r.path.kind());
+                    line.endpoint = r.path.endpoint().map(|e| e.to_string());
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(2) {
+                    line.error = Some("timeout".into());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            },
+        }
+        w.write_all(serde_json::to_string(&line)?.as_bytes())
+            .await?;
+        w.write_all(b"\n").await?;
+        if seq + 1 < count {
+            tokio::time::sleep(Duration::from_secs(1).saturating_sub(started.elapsed())).await;
+        }
+    }
+    Ok(())
+}
+
+/// Asks a running agent to ping a peer; calls `each` with every reply line.
+pub async fn query_ping(
+    state_dir: &std::path::Path,
+    target: &str,
+    count: u32,
+    mut each: impl FnMut(serde_json::Value),
+) -> anyhow::Result<()> {
+    let conn = UnixStream::connect(StateDir::new(state_dir).socket_path())
+        .await
+        .with_context(|| {
+            format!(
+                "no agent is running with state dir {} (start it with `trellis join`)",
+                state_dir.display()
+            )
+        })?;
+    let (r, mut w) = conn.into_split();
+    w.write_all(format!("ping {target} {count}\n").as_bytes())
+        .await?;
+    let mut lines = BufReader::new(r).lines();
+    while let Some(line) = lines.next_line().await? {
+        let v: serde_json::Value =
+            serde_json::from_str(&line).context("the agent's answer was not JSON")?;
+        if let Some(e) = v.get("fatal") {
+            bail!("{}", e.as_str().unwrap_or("ping failed"));
+        }
+        each(v);
+    }
+    Ok(())
 }
 
 /// The machine's own IPv4 addresses that could carry WireGuard (not loopback,
@@ -573,10 +803,27 @@ async fn serve_status(listener: UnixListener, agent: Arc<Agent>) {
             let mut line = String::new();
             let mut r = BufReader::new(r);
             let read = tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line)).await;
-            let reply = match (read, line.trim()) {
+            let req = line.trim().to_string();
+            if let (Ok(Ok(_)), Some(rest)) = (&read, req.strip_prefix("ping ")) {
+                let mut parts = rest.split_whitespace();
+                let target = parts.next().unwrap_or("").to_string();
+                let count = parts
+                    .next()
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(4u32)
+                    .clamp(1, 1000);
+                if let Err(e) = ping_peer(&agent, &target, count, &mut w).await {
+                    let v = serde_json::json!({ "fatal": format!("{e:#}") });
+                    let _ = w.write_all(format!("{v}\n").as_bytes()).await;
+                }
+                return;
+            }
+            let reply = match (read, req.as_str()) {
                 (Ok(Ok(_)), "status") => serde_json::to_string(&agent.status(&state))
                     .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
-                _ => "{\"error\":\"unknown request; try `status`\"}".to_string(),
+                _ => {
+                    "{\"error\":\"unknown request; try `status` or `ping PEER COUNT`\"}".to_string()
+                }
             };
             let _ = w.write_all(reply.as_bytes()).await;
             let _ = w.write_all(b"\n").await;

@@ -14,11 +14,15 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use utoipa::ToSchema;
 
+pub mod frames;
+
 /// The block every account's overlay addresses come from (RFC 6598 shared space).
 pub const OVERLAY_SPACE: &str = "100.64.0.0/10";
 
-/// Default WireGuard tunnel MTU: a 1500-byte underlay minus IPv6 + UDP + WireGuard overhead.
-pub const DEFAULT_MTU: u16 = 1420;
+/// Default tunnel MTU: a 1500-byte underlay minus IPv6 (40) + UDP (8) +
+/// WireGuard (32) + the relay header (33), so that a packet fits whether it
+/// goes direct or through the edge, over IPv4 or IPv6.
+pub const DEFAULT_MTU: u16 = 1380;
 
 /// A node's WireGuard (X25519) public key. The private half never leaves the node.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ToSchema)]
@@ -237,6 +241,11 @@ pub enum NodeMessage {
         listen_port: u16,
         /// The node's own interface addresses (candidates for direct paths).
         local_addrs: Vec<IpAddr>,
+        /// The address and port the edge saw this node's WireGuard socket come
+        /// from (STUN): its server-reflexive candidate, the one that works
+        /// through endpoint-independent NATs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reflexive: Option<SocketAddr>,
         os: String,
         version: String,
     },
@@ -256,6 +265,9 @@ pub enum ServerMessage {
         upsert: Vec<Peer>,
         #[serde(default)]
         remove: Vec<NodeKey>,
+        /// A fresh relay credential (sent before the old one expires).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        relay: Option<RelayInfo>,
     },
     /// The node was removed by an admin: it must stop and not reconnect.
     Removed { reason: String },
@@ -274,6 +286,24 @@ pub struct SelfNode {
 pub struct NetworkMap {
     pub self_node: SelfNode,
     pub peers: Vec<Peer>,
+    /// How to reach the edge's relay; absent when the server runs no edge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayInfo>,
+}
+
+/// Where the edge is and the credential a node presents to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    /// `HOST:PORT` of the edge's UDP port (STUN and UDP relay). HOST may be a
+    /// name; the node resolves it.
+    pub udp: String,
+    /// Path of the TCP relay (WebSocket) on the server's HTTP port,
+    /// authenticated with the node secret like the control stream.
+    pub ws_path: String,
+    /// Opaque token for `FRAME_REGISTER` on the UDP relay.
+    pub token: String,
+    /// Unix seconds when `token` stops working.
+    pub expires_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -83,6 +83,15 @@ enum Cmd {
         #[arg(long, default_value = "/var/lib/trellis")]
         state_dir: PathBuf,
     },
+    /// Ping a peer through the mesh: each reply with its round-trip time and path.
+    Ping {
+        /// Peer name or overlay IP.
+        peer: String,
+        #[arg(long, short = 'c', default_value_t = 4)]
+        count: u32,
+        #[arg(long, default_value = "/var/lib/trellis")]
+        state_dir: PathBuf,
+    },
     /// Accounts: separate private networks on one server (operator key).
     Account {
         #[command(subcommand)]
@@ -177,15 +186,17 @@ async fn run_server(
         data_dir: data_dir.clone(),
         listen,
         public_url,
+        edge_udp: Some(edge_udp),
     })
     .await?;
-    let edge = trellis_edge::EdgeUdp::bind(edge_udp).await?;
-    let edge_addr = edge.local_addr()?;
-    let edge_task = tokio::spawn(edge.serve());
+    let edge_addr = server
+        .edge_udp_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "off".into());
     let url = server.url();
     println!("Trellis server is running at {url}");
     println!("  API:            {url}/api/v1 (OpenAPI: {url}/api/v1/openapi.json)");
-    println!("  Edge UDP:       {edge_addr}");
+    println!("  Edge UDP:       {edge_addr} (endpoint discovery and relay; TCP relay at {url}/api/v1/relay)");
     println!("  Operator key:   {}", server.admin_key_path().display());
     println!("Add a machine:");
     println!(
@@ -193,9 +204,7 @@ async fn run_server(
         server.admin_key_path().display()
     );
     println!("  trellis join --server {url} --token <TOKEN>     # on the machine, as root");
-    let r = server.serve(shutdown_signal()).await;
-    edge_task.abort();
-    r
+    server.serve(shutdown_signal()).await
 }
 
 #[tokio::main]
@@ -234,6 +243,11 @@ async fn main() -> ExitCode {
             .await
         }
         Cmd::Status { json, state_dir } => status(json, &state_dir).await,
+        Cmd::Ping {
+            peer,
+            count,
+            state_dir,
+        } => ping(&peer, count, &state_dir).await,
         Cmd::Account { cmd, admin } => admin::account(&admin, cmd).await,
         Cmd::Token { cmd, admin } => admin::token(&admin, cmd).await,
         Cmd::Nodes { cmd, admin } => admin::nodes(&admin, cmd).await,
@@ -247,6 +261,41 @@ async fn main() -> ExitCode {
     }
 }
 
+async fn ping(peer: &str, count: u32, state_dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut answered = 0;
+    let mut sent = 0;
+    trellis_node::query_ping(state_dir, peer, count, |v| {
+        sent += 1;
+        let name = v["peer"].as_str().unwrap_or("");
+        let ip = v["ip"].as_str().unwrap_or("");
+        match v["rtt_ms"].as_f64() {
+            Some(rtt) => {
+                answered += 1;
+                let path = v["path"].as_str().unwrap_or("");
+                let via = v["endpoint"]
+                    .as_str()
+                    .map(|e| format!(" via {e}"))
+                    .unwrap_or_default();
+                println!(
+                    "reply from {name} ({ip}): seq={} time={rtt:.2} ms path={path}{via}",
+                    v["seq"]
+                );
+            }
+            None => println!(
+                "no reply from {name} ({ip}): seq={} {}",
+                v["seq"],
+                v["error"].as_str().unwrap_or("")
+            ),
+        }
+    })
+    .await?;
+    println!("{sent} probes sent, {answered} answered");
+    if answered == 0 {
+        anyhow::bail!("{peer} did not answer");
+    }
+    Ok(())
+}
+
 async fn status(json: bool, state_dir: &std::path::Path) -> anyhow::Result<()> {
     let v = trellis_node::query_status(state_dir).await?;
     if json {
@@ -257,11 +306,12 @@ async fn status(json: bool, state_dir: &std::path::Path) -> anyhow::Result<()> {
         v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string()
     };
     println!(
-        "{} {} (account {}, control plane {})",
+        "{} {} (account {}, control plane {}, relay {})",
         s(&v, "name"),
         s(&v, "ip"),
         s(&v, "account"),
-        s(&v, "control")
+        s(&v, "control"),
+        s(&v, "relay")
     );
     let peers = v
         .get("peers")

@@ -1,15 +1,31 @@
-//! The sans-IO tunnel core: peers, WireGuard sessions, allowed-IP routing and
-//! path choice, driven by packets, datagrams and a `now` passed in.
+//! The sans-IO tunnel core: peers, WireGuard sessions, allowed-IP routing,
+//! path choice (direct or relayed through the edge), hole punching and
+//! roaming, driven by packets, datagrams and a `now` passed in.
 //!
 //! The IO shell (`trellis-io`) reads the TUN device and the UDP socket, hands
-//! each packet to [`Tunnel::handle_tun_packet`] or [`Tunnel::handle_datagram`],
-//! and carries out the returned [`Action`]. Nothing here opens a socket, spawns
-//! a task or reads the wall clock; the callers own the buffers, so nothing
+//! each packet to [`Tunnel::handle_tun_packet`] or [`Tunnel::handle_datagram`]
+//! (frames that came over the TCP relay to [`Tunnel::handle_relay_tcp_frame`]),
+//! and carries out the returned [`Action`]. Nothing here opens a socket,
+//! spawns a task or reads the clock; the callers own the buffers, so nothing
 //! allocates per packet.
 //!
-//! Seams for later work: [`Path`] is where relayed paths join direct ones, and
-//! the shell's packet filter hook sits between this core and the TUN device.
+//! Paths. A peer is reached over the first of these that works:
+//! 1. `direct`: a UDP endpoint of the peer that answered within
+//!    [`DIRECT_TIMEOUT`] (an authenticated WireGuard packet or a `PONG`);
+//! 2. `relay-udp`: through the edge over UDP, when the edge acknowledged our
+//!    registration recently;
+//! 3. `relay-tcp`: through the edge over the shell's WebSocket, when it is up;
+//! 4. without any relay, the peer's candidates one after the other (the
+//!    foundation's behaviour on a flat network).
+//!
+//! While a pair talks over the relay, both sides probe each other's candidates
+//! (backing off from [`PROBE_MIN`] to [`PROBE_MAX`]) and ask the other side to
+//! probe at the same moment (`CALL_ME` over the relay), which opens
+//! endpoint-independent NATs; the first `PONG` moves the pair to the direct
+//! path. A direct path in use is heart-beaten every [`HEARTBEAT_INTERVAL`];
+//! when it stays silent for [`DIRECT_TIMEOUT`], traffic goes back to the relay.
 
+pub mod disco;
 pub mod routes;
 pub mod session;
 
@@ -23,21 +39,43 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 pub use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::Ipv4Net;
+use trellis_proto::frames::{
+    self, FRAME_REFUSED, FRAME_REGISTER, FRAME_REGISTERED, FRAME_RELAY_RECV, FRAME_RELAY_SEND,
+    PEER_FRAME_LEN, RELAY_HEADER,
+};
 
+use disco::{Kind, PairKey};
 use routes::RouteTable;
 use session::{Session, SessionError, SessionOutput, SessionStats};
 
 /// Bytes WireGuard adds to every data packet (header, counter, tag).
 pub const DATA_OVERHEAD: usize = 32;
-/// The smallest output buffer the core accepts: a handshake initiation.
-pub const MIN_BUFFER: usize = 148;
+/// The smallest output buffer the core accepts: a handshake initiation with a relay header.
+pub const MIN_BUFFER: usize = 256;
 /// Handshakes per second per peer before cookies are demanded.
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
-/// A candidate endpoint that brought no authenticated packet for this long is
-/// given up for the next candidate of the peer.
+/// Without a relay, a candidate that brought no authenticated packet for this
+/// long is given up for the next one.
 pub const CANDIDATE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keepalive sent on idle sessions so that NAT and firewall state stays open.
 pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
+/// A direct path with nothing heard on it for this long is abandoned for the relay.
+pub const DIRECT_TIMEOUT: Duration = Duration::from_millis(4000);
+/// Probe a direct path in use this often, so that its death is noticed.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(1200);
+/// First and longest interval between probe rounds towards a peer's candidates.
+pub const PROBE_MIN: Duration = Duration::from_millis(400);
+pub const PROBE_MAX: Duration = Duration::from_secs(8);
+/// A peer that sent or received data this recently is worth probing and heart-beating.
+pub const ACTIVE_WINDOW: Duration = Duration::from_secs(30);
+/// The UDP relay counts as working while the edge acknowledged a registration this recently.
+pub const RELAY_UDP_HEALTHY: Duration = Duration::from_secs(25);
+/// Candidates probed per round, at most.
+const MAX_CANDIDATES: usize = 8;
+/// Peer-reflexive candidates (addresses probes came from) kept per peer.
+const MAX_LEARNED: usize = 4;
+const MAX_OUTSTANDING: usize = 32;
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Local identifier of a peer; also the WireGuard receiver index (upper 24 bits).
 pub type PeerId = u32;
@@ -58,20 +96,36 @@ pub struct PeerConfig {
 pub enum Path {
     /// Straight to the peer's underlay address over UDP.
     Direct(SocketAddr),
+    /// Through the edge's UDP relay at this address.
+    RelayUdp(SocketAddr),
+    /// Through the edge over the shell's TCP (WebSocket) connection.
+    RelayTcp,
 }
 
 impl Path {
     pub fn kind(&self) -> &'static str {
         match self {
             Path::Direct(_) => "direct",
+            Path::RelayUdp(_) => "relay-udp",
+            Path::RelayTcp => "relay-tcp",
         }
     }
 
-    pub fn endpoint(&self) -> SocketAddr {
+    /// The underlay address datagrams go to (the peer's, or the edge's).
+    pub fn endpoint(&self) -> Option<SocketAddr> {
         match self {
-            Path::Direct(a) => *a,
+            Path::Direct(a) | Path::RelayUdp(a) => Some(*a),
+            Path::RelayTcp => None,
         }
     }
+}
+
+/// Where a datagram produced by the timers goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Udp(SocketAddr),
+    /// Over the TCP relay: the bytes are a whole `RELAY_SEND` frame.
+    RelayTcp,
 }
 
 /// What the shell must do after a call into the core. Bytes named by
@@ -86,6 +140,8 @@ pub enum Action {
         offset: usize,
         len: usize,
     },
+    /// Send `out[offset..offset + len]`, a `RELAY_SEND` frame, over the TCP relay.
+    SendRelayTcp { offset: usize, len: usize },
     /// Write `out[offset..offset + len]`, a decrypted IP packet, to the tunnel interface.
     Deliver { offset: usize, len: usize },
     /// The input was dropped, for this reason.
@@ -98,16 +154,34 @@ pub enum DropReason {
     NotIpv4,
     #[error("no peer owns the destination address")]
     NoRoute,
-    #[error("the peer has no known endpoint")]
-    NoEndpoint,
+    #[error("no path to the peer (no endpoint and no relay)")]
+    NoPath,
     #[error("datagram from an unknown peer or session")]
     UnknownPeer,
     #[error("source address not allowed for this peer")]
     SpoofedSource,
     #[error("malformed datagram")]
     Malformed,
+    #[error("probe failed authentication")]
+    BadProbe,
     #[error("rejected by the session: {0}")]
     Rejected(SessionError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PingError {
+    #[error("no such peer")]
+    UnknownPeer,
+    #[error("no path to the peer yet (no endpoint, no relay)")]
+    NoPath,
+}
+
+/// The answer to one [`Tunnel::ping`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PingResult {
+    pub rtt: Duration,
+    /// The path the reply came back on.
+    pub path: Path,
 }
 
 /// A peer as `trellis status` shows it.
@@ -120,15 +194,111 @@ pub struct PeerStatus {
     pub stats: SessionStats,
 }
 
+/// The edge relay as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayStatus {
+    /// No relay configured.
+    None,
+    /// Registered over UDP (the edge answered recently).
+    Udp,
+    /// UDP registration not answered; the TCP relay is up.
+    Tcp,
+    /// Neither works (yet).
+    Down,
+    /// The edge refused our credential.
+    Refused(String),
+}
+
+/// Where an input came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Udp(SocketAddr),
+    /// Relayed by the edge, claimed to be from this key.
+    Relay([u8; 32]),
+}
+
 struct Peer {
     config: PeerConfig,
     session: Session,
-    /// Where packets go now; learned from the control plane, then from where
-    /// authenticated packets of the peer really come from (roaming).
-    endpoint: Option<SocketAddr>,
-    candidate: usize,
-    endpoint_since: Instant,
-    last_authenticated_rx: Option<Instant>,
+    pair: PairKey,
+    /// The peer's endpoint that last proved itself (WireGuard or `PONG`).
+    direct: Option<SocketAddr>,
+    direct_rx: Option<Instant>,
+    direct_was_alive: bool,
+    /// Without a relay: which candidate we are trying, since when.
+    fallback: usize,
+    fallback_since: Instant,
+    /// Addresses this peer's probes came from (peer-reflexive candidates).
+    learned: Vec<SocketAddr>,
+    probe_next: Instant,
+    probe_interval: Duration,
+    heartbeat_next: Instant,
+    outstanding: Vec<(u64, Instant)>,
+    last_activity: Option<Instant>,
+}
+
+impl Peer {
+    fn direct_alive(&self, now: Instant) -> bool {
+        self.direct.is_some()
+            && self
+                .direct_rx
+                .is_some_and(|t| now.saturating_duration_since(t) < DIRECT_TIMEOUT)
+    }
+
+    fn path(&self, now: Instant, relay: Option<Path>) -> Option<Path> {
+        if self.direct_alive(now) {
+            return self.direct.map(Path::Direct);
+        }
+        if relay.is_some() {
+            return relay;
+        }
+        self.direct
+            .or_else(|| self.config.endpoints.get(self.fallback).copied())
+            .map(Path::Direct)
+    }
+
+    fn active(&self, now: Instant) -> bool {
+        self.last_activity
+            .is_some_and(|t| now.saturating_duration_since(t) < ACTIVE_WINDOW)
+    }
+
+    fn candidates(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        let mut seen: Vec<SocketAddr> = Vec::with_capacity(MAX_CANDIDATES);
+        self.config
+            .endpoints
+            .iter()
+            .chain(self.learned.iter())
+            .copied()
+            .filter(move |a| {
+                if seen.contains(a) || seen.len() >= MAX_CANDIDATES {
+                    false
+                } else {
+                    seen.push(*a);
+                    true
+                }
+            })
+    }
+
+    fn reset_probing(&mut self, now: Instant) {
+        self.probe_interval = PROBE_MIN;
+        self.probe_next = now;
+    }
+
+    fn confirm_direct(&mut self, now: Instant, at: SocketAddr) {
+        if self.direct != Some(at) {
+            tracing::debug!(peer = %self.config.name, "direct path confirmed");
+        }
+        self.direct = Some(at);
+        self.direct_rx = Some(now);
+    }
+}
+
+struct Relay {
+    edge: SocketAddr,
+    token: String,
+    acked_at: Option<Instant>,
+    last_register: Option<Instant>,
+    refused: Option<String>,
 }
 
 pub struct Tunnel {
@@ -142,14 +312,62 @@ pub struct Tunnel {
     last_limiter_reset: Option<Instant>,
     /// The peer whose queued packets must be flushed after a handshake completed.
     pending_flush: Option<PeerId>,
+    relay: Option<Relay>,
+    tcp_relay_up: bool,
+    reflexive: Option<SocketAddr>,
+    txid_state: u64,
+    pings: HashMap<u64, ([u8; 32], Instant, Option<PingResult>)>,
 }
 
 fn ipv4_addr(b: &[u8]) -> Ipv4Addr {
     Ipv4Addr::new(b[0], b[1], b[2], b[3])
 }
 
+/// Puts the relay header in front of a payload already at `out[RELAY_HEADER..]`
+/// and says where it goes.
+fn relay_action(path: Path, dst: &[u8; 32], out: &mut [u8], payload_len: usize) -> Action {
+    out[0] = FRAME_RELAY_SEND;
+    out[1..RELAY_HEADER].copy_from_slice(dst);
+    let len = payload_len + RELAY_HEADER;
+    match path {
+        Path::RelayUdp(edge) => Action::Send {
+            to: edge,
+            offset: 0,
+            len,
+        },
+        Path::RelayTcp => Action::SendRelayTcp { offset: 0, len },
+        Path::Direct(to) => Action::Send {
+            to,
+            offset: RELAY_HEADER,
+            len: payload_len,
+        },
+    }
+}
+
+/// Sends a payload at `out[RELAY_HEADER..RELAY_HEADER + len]` over `path`.
+fn emit(path: Path, dst: &[u8; 32], out: &mut [u8], len: usize) -> Action {
+    match path {
+        Path::Direct(to) => Action::Send {
+            to,
+            offset: RELAY_HEADER,
+            len,
+        },
+        relayed => relay_action(relayed, dst, out, len),
+    }
+}
+
+/// Hands an [`Action::Send`]/[`Action::SendRelayTcp`] to a timer callback.
+fn deliver_to(action: Action, out: &[u8], send: &mut impl FnMut(Via, &[u8])) {
+    match action {
+        Action::Send { to, offset, len } => send(Via::Udp(to), &out[offset..offset + len]),
+        Action::SendRelayTcp { offset, len } => send(Via::RelayTcp, &out[offset..offset + len]),
+        _ => {}
+    }
+}
+
 impl Tunnel {
-    pub fn new(private: StaticSecret) -> Tunnel {
+    /// `seed` makes probe transaction ids unpredictable without reading a clock or RNG here.
+    pub fn new(private: StaticSecret, seed: u64) -> Tunnel {
         let public = PublicKey::from(&private);
         let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
         Tunnel {
@@ -162,11 +380,26 @@ impl Tunnel {
             rate_limiter,
             last_limiter_reset: None,
             pending_flush: None,
+            relay: None,
+            tcp_relay_up: false,
+            reflexive: None,
+            txid_state: seed | 1,
+            pings: HashMap::new(),
         }
     }
 
     pub fn public_key(&self) -> [u8; 32] {
         *self.public.as_bytes()
+    }
+
+    fn next_txid(&mut self) -> u64 {
+        // xorshift64*: cheap, never zero, good enough for transaction ids (the MAC protects them).
+        let mut x = self.txid_state;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.txid_state = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
     fn alloc_index(&mut self) -> PeerId {
@@ -183,8 +416,79 @@ impl Tunnel {
         }
     }
 
+    /// Sets (or clears) the edge relay: its UDP address and our credential.
+    pub fn set_relay(&mut self, relay: Option<(SocketAddr, String)>) {
+        match (relay, self.relay.as_mut()) {
+            (None, _) => self.relay = None,
+            (Some((edge, token)), Some(r)) if r.edge == edge => {
+                if r.token != token {
+                    r.token = token;
+                    r.last_register = None;
+                    r.refused = None;
+                }
+            }
+            (Some((edge, token)), _) => {
+                self.relay = Some(Relay {
+                    edge,
+                    token,
+                    acked_at: None,
+                    last_register: None,
+                    refused: None,
+                });
+            }
+        }
+    }
+
+    /// The shell tells the core whether its TCP relay connection is up.
+    pub fn set_tcp_relay(&mut self, up: bool) {
+        self.tcp_relay_up = up;
+    }
+
+    /// Registers with the edge at the next tick (after a change of network).
+    /// Also re-probes every peer and heart-beats direct paths at once: a
+    /// path may have died with the old address.
+    pub fn reregister_now(&mut self, now: Instant) {
+        if let Some(r) = self.relay.as_mut() {
+            r.last_register = None;
+        }
+        for p in self.peers.values_mut() {
+            p.reset_probing(now);
+            p.heartbeat_next = now;
+        }
+    }
+
+    /// The address the edge saw us come from (for the control plane).
+    pub fn reflexive(&self) -> Option<SocketAddr> {
+        self.reflexive
+    }
+
+    pub fn relay_status(&self, now: Instant) -> RelayStatus {
+        let Some(r) = &self.relay else {
+            return RelayStatus::None;
+        };
+        if let Some(reason) = &r.refused {
+            return RelayStatus::Refused(reason.clone());
+        }
+        match self.relay_path(now) {
+            Some(Path::RelayUdp(_)) => RelayStatus::Udp,
+            Some(Path::RelayTcp) => RelayStatus::Tcp,
+            _ => RelayStatus::Down,
+        }
+    }
+
+    fn relay_path(&self, now: Instant) -> Option<Path> {
+        let r = self.relay.as_ref()?;
+        if r.refused.is_none()
+            && r.acked_at
+                .is_some_and(|t| now.saturating_duration_since(t) < RELAY_UDP_HEALTHY)
+        {
+            return Some(Path::RelayUdp(r.edge));
+        }
+        self.tcp_relay_up.then_some(Path::RelayTcp)
+    }
+
     /// Adds a peer or updates one with the same key. Sessions of an existing
-    /// peer survive; its endpoint changes only when the candidates changed.
+    /// peer survive, and so does a direct path that still works.
     pub fn upsert_peer(&mut self, now: Instant, config: PeerConfig) {
         if let Some(&id) = self.by_key.get(&config.public_key) {
             let peer = self.peers.get_mut(&id).expect("by_key and peers agree");
@@ -195,18 +499,9 @@ impl Tunnel {
                 }
             }
             if peer.config.endpoints != config.endpoints {
-                // Keep a roamed endpoint that is still in the list; else start over.
-                let keep = peer.endpoint.is_some_and(|e| {
-                    config.endpoints.contains(&e)
-                        || peer
-                            .last_authenticated_rx
-                            .is_some_and(|t| now.duration_since(t) < CANDIDATE_TIMEOUT)
-                });
-                if !keep {
-                    peer.candidate = 0;
-                    peer.endpoint = config.endpoints.first().copied();
-                    peer.endpoint_since = now;
-                }
+                peer.fallback = 0;
+                peer.fallback_since = now;
+                peer.reset_probing(now);
             }
             peer.config = config;
             return;
@@ -223,15 +518,24 @@ impl Tunnel {
             self.routes.insert(*net, id);
         }
         self.by_key.insert(config.public_key, id);
+        let pair = PairKey::derive(&self.private, &config.public_key);
         self.peers.insert(
             id,
             Peer {
-                endpoint: config.endpoints.first().copied(),
                 config,
                 session,
-                candidate: 0,
-                endpoint_since: now,
-                last_authenticated_rx: None,
+                pair,
+                direct: None,
+                direct_rx: None,
+                direct_was_alive: false,
+                fallback: 0,
+                fallback_since: now,
+                learned: Vec::new(),
+                probe_next: now,
+                probe_interval: PROBE_MIN,
+                heartbeat_next: now,
+                outstanding: Vec::new(),
+                last_activity: None,
             },
         );
     }
@@ -272,8 +576,8 @@ impl Tunnel {
     }
 
     /// An IP packet read from the tunnel interface: encrypt it for the peer
-    /// that owns its destination.
-    pub fn handle_tun_packet(&mut self, _now: Instant, packet: &[u8], out: &mut [u8]) -> Action {
+    /// that owns its destination, and send it over that peer's path.
+    pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8], out: &mut [u8]) -> Action {
         if packet.len() < 20 || packet[0] >> 4 != 4 {
             return Action::Drop(DropReason::NotIpv4);
         }
@@ -281,20 +585,37 @@ impl Tunnel {
         let Some(id) = self.routes.lookup(dst) else {
             return Action::Drop(DropReason::NoRoute);
         };
+        let relay = self.relay_path(now);
         let peer = self.peers.get_mut(&id).expect("routes point at live peers");
-        match peer.session.encapsulate(packet, out) {
-            SessionOutput::ToNetwork { offset, len } => match peer.endpoint {
-                Some(to) => Action::Send { to, offset, len },
-                None => Action::Drop(DropReason::NoEndpoint),
-            },
+        peer.last_activity = Some(now);
+        let Some(path) = peer.path(now, relay) else {
+            return Action::Drop(DropReason::NoPath);
+        };
+        // Direct datagrams start at offset 0 so that a batch lies end to end (GSO);
+        // relayed ones leave room for the relay header.
+        let head = match path {
+            Path::Direct(_) => 0,
+            _ => RELAY_HEADER,
+        };
+        match peer.session.encapsulate(packet, &mut out[head..]) {
+            SessionOutput::ToNetwork { offset, len } => {
+                if offset != 0 {
+                    out.copy_within(head + offset..head + offset + len, head);
+                }
+                match path {
+                    Path::Direct(to) => Action::Send { to, offset: 0, len },
+                    relayed => relay_action(relayed, &peer.config.public_key, out, len),
+                }
+            }
             SessionOutput::Rejected(e) => Action::Drop(DropReason::Rejected(e)),
             SessionOutput::Done | SessionOutput::ToTunnel { .. } => Action::None,
         }
     }
 
-    /// A UDP datagram from `from`. After an [`Action::Send`], call
-    /// [`Tunnel::poll_flush`] until it returns [`Action::None`]: a completed
-    /// handshake releases the packets that waited for it.
+    /// A UDP datagram from `from`: WireGuard from a peer, a probe, or a frame
+    /// from the edge. After an [`Action::Send`] or [`Action::SendRelayTcp`],
+    /// call [`Tunnel::poll_flush`] until it returns [`Action::None`]: a
+    /// completed handshake releases the packets that waited for it.
     pub fn handle_datagram(
         &mut self,
         now: Instant,
@@ -302,15 +623,169 @@ impl Tunnel {
         datagram: &[u8],
         out: &mut [u8],
     ) -> Action {
+        match datagram.first() {
+            Some(&b) if b >= 0x80 => self.handle_frame(now, from, datagram, out),
+            _ => self.handle_wireguard(now, Source::Udp(from), datagram, out),
+        }
+    }
+
+    /// A frame that arrived over the TCP relay (a `RELAY_RECV`).
+    pub fn handle_relay_tcp_frame(&mut self, now: Instant, frame: &[u8], out: &mut [u8]) -> Action {
+        if frame.len() <= RELAY_HEADER || frame[0] != FRAME_RELAY_RECV {
+            return Action::Drop(DropReason::Malformed);
+        }
+        let src: [u8; 32] = frame[1..RELAY_HEADER].try_into().expect("32 bytes");
+        self.handle_inner(now, Source::Relay(src), &frame[RELAY_HEADER..], out)
+    }
+
+    fn handle_frame(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        frame: &[u8],
+        out: &mut [u8],
+    ) -> Action {
+        let from_edge = self.relay.as_ref().is_some_and(|r| r.edge == from);
+        match frame[0] {
+            FRAME_REGISTERED if from_edge => {
+                let Some(observed) = frames::decode_registered(frame) else {
+                    return Action::Drop(DropReason::Malformed);
+                };
+                let r = self.relay.as_mut().expect("from_edge");
+                if r.acked_at.is_none() {
+                    tracing::debug!("registered with the edge relay");
+                }
+                r.acked_at = Some(now);
+                r.refused = None;
+                self.reflexive = Some(observed);
+                Action::None
+            }
+            FRAME_REFUSED if from_edge => {
+                let reason = String::from_utf8_lossy(&frame[1..]).into_owned();
+                let r = self.relay.as_mut().expect("from_edge");
+                if r.refused.as_deref() != Some(reason.as_str()) {
+                    tracing::warn!(%reason, "the edge refused this node's relay credential");
+                }
+                r.refused = Some(reason);
+                r.acked_at = None;
+                Action::None
+            }
+            FRAME_RELAY_RECV if from_edge && frame.len() > RELAY_HEADER => {
+                let src: [u8; 32] = frame[1..RELAY_HEADER].try_into().expect("32 bytes");
+                self.handle_inner(now, Source::Relay(src), &frame[RELAY_HEADER..], out)
+            }
+            _ if frame.len() == PEER_FRAME_LEN => {
+                self.handle_disco(now, Source::Udp(from), frame, out)
+            }
+            _ => Action::Drop(DropReason::Malformed),
+        }
+    }
+
+    fn handle_inner(&mut self, now: Instant, src: Source, data: &[u8], out: &mut [u8]) -> Action {
+        match data.first() {
+            Some(&b) if b >= 0x80 => self.handle_disco(now, src, data, out),
+            _ => self.handle_wireguard(now, src, data, out),
+        }
+    }
+
+    fn handle_disco(&mut self, now: Instant, src: Source, frame: &[u8], out: &mut [u8]) -> Action {
+        let Some((kind, sender, txid)) = disco::peek(frame) else {
+            return Action::Drop(DropReason::Malformed);
+        };
+        if let Source::Relay(claimed) = src {
+            if claimed != sender {
+                return Action::Drop(DropReason::BadProbe);
+            }
+        }
+        let Some(&id) = self.by_key.get(&sender) else {
+            return Action::Drop(DropReason::UnknownPeer);
+        };
+        let relay = self.relay_path(now);
+        let me = *self.public.as_bytes();
+        let peer = self.peers.get_mut(&id).expect("by_key and peers agree");
+        if !disco::verify(frame, &peer.pair) {
+            return Action::Drop(DropReason::BadProbe);
+        }
+        match kind {
+            Kind::Probe => {
+                let len =
+                    disco::encode(Kind::Pong, &me, txid, &peer.pair, &mut out[RELAY_HEADER..]);
+                match src {
+                    Source::Udp(from) => {
+                        if peer.direct != Some(from) && !peer.learned.contains(&from) {
+                            // A peer-reflexive candidate: probe it back soon.
+                            if peer.learned.len() >= MAX_LEARNED {
+                                peer.learned.remove(0);
+                            }
+                            peer.learned.push(from);
+                            peer.reset_probing(now);
+                        }
+                        Action::Send {
+                            to: from,
+                            offset: RELAY_HEADER,
+                            len,
+                        }
+                    }
+                    Source::Relay(_) => match relay {
+                        Some(path) => relay_action(path, &sender, out, len),
+                        None => Action::Drop(DropReason::NoPath),
+                    },
+                }
+            }
+            Kind::Pong => {
+                let sent = peer
+                    .outstanding
+                    .iter()
+                    .position(|(t, _)| *t == txid)
+                    .map(|i| peer.outstanding.swap_remove(i).1);
+                let path = match src {
+                    Source::Udp(from) => {
+                        if sent.is_some() || self.pings.contains_key(&txid) {
+                            peer.confirm_direct(now, from);
+                        }
+                        Path::Direct(from)
+                    }
+                    Source::Relay(_) => relay.unwrap_or(Path::RelayTcp),
+                };
+                if let Some(p) = self.pings.get_mut(&txid) {
+                    if p.0 == sender && p.2.is_none() {
+                        p.2 = Some(PingResult {
+                            rtt: now.saturating_duration_since(p.1),
+                            path,
+                        });
+                    }
+                }
+                Action::None
+            }
+            Kind::CallMe => {
+                peer.last_activity = Some(now);
+                peer.reset_probing(now);
+                Action::None
+            }
+        }
+    }
+
+    fn handle_wireguard(
+        &mut self,
+        now: Instant,
+        src: Source,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Action {
+        let src_ip = match src {
+            Source::Udp(a) => a.ip(),
+            Source::Relay(_) => self
+                .relay
+                .as_ref()
+                .map(|r| r.edge.ip())
+                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        };
         let id = match Tunn::parse_incoming_packet(datagram) {
             Ok(Packet::HandshakeInit(ref init)) => {
                 // Check MAC1 and load (cookie) before spending a DH on the sender's identity.
-                if let Err(r) = self
-                    .rate_limiter
-                    .verify_packet(Some(from.ip()), datagram, out)
-                {
-                    return match r {
-                        TunnResult::WriteToNetwork(cookie) => Action::Send {
+                if let Err(r) = self.rate_limiter.verify_packet(Some(src_ip), datagram, out) {
+                    return match (r, src) {
+                        (TunnResult::WriteToNetwork(cookie), Source::Udp(from)) => Action::Send {
                             to: from,
                             offset: 0,
                             len: cookie.len(),
@@ -331,24 +806,44 @@ impl Tunnel {
             Ok(Packet::PacketData(d)) => d.receiver_idx >> 8,
             Err(_) => return Action::Drop(DropReason::Malformed),
         };
+        let relay = self.relay_path(now);
         let Some(peer) = self.peers.get_mut(&id) else {
             return Action::Drop(DropReason::UnknownPeer);
         };
-        let result = peer.session.decapsulate(Some(from.ip()), datagram, out);
+        if let Source::Relay(claimed) = src {
+            // The edge says who sent it; the session must agree.
+            if claimed != peer.config.public_key {
+                return Action::Drop(DropReason::UnknownPeer);
+            }
+        }
+        let result = peer.session.decapsulate(Some(src_ip), datagram, out);
         let action = match result {
             SessionOutput::Rejected(e) => return Action::Drop(DropReason::Rejected(e)),
             SessionOutput::Done => Action::None,
             SessionOutput::ToNetwork { offset, len } => {
                 self.pending_flush = Some(id);
-                Action::Send {
-                    to: from,
-                    offset,
-                    len,
+                match src {
+                    Source::Udp(from) => Action::Send {
+                        to: from,
+                        offset,
+                        len,
+                    },
+                    Source::Relay(key) => match relay {
+                        Some(path) => {
+                            out.copy_within(offset..offset + len, RELAY_HEADER);
+                            relay_action(path, &key, out, len)
+                        }
+                        None => Action::Drop(DropReason::NoPath),
+                    },
                 }
             }
-            SessionOutput::ToTunnel { offset, len, src } => {
+            SessionOutput::ToTunnel {
+                offset,
+                len,
+                src: inner,
+            } => {
                 // Cryptokey routing: a peer may only send from its own addresses.
-                let allowed = match src {
+                let allowed = match inner {
                     IpAddr::V4(v4) => self.routes.lookup(v4) == Some(id),
                     IpAddr::V6(_) => false,
                 };
@@ -358,30 +853,44 @@ impl Tunnel {
                 Action::Deliver { offset, len }
             }
         };
-        // The packet authenticated: this is where the peer is now (roaming).
         let peer = self.peers.get_mut(&id).expect("looked up above");
-        peer.last_authenticated_rx = Some(now);
-        if peer.endpoint != Some(from) {
-            peer.endpoint = Some(from);
-            peer.endpoint_since = now;
+        if matches!(action, Action::Deliver { .. }) {
+            peer.last_activity = Some(now);
+        }
+        // The packet authenticated: a direct source is where the peer is now (roaming).
+        if let Source::Udp(from) = src {
+            peer.confirm_direct(now, from);
         }
         action
     }
 
     /// Releases packets queued during a handshake; call until [`Action::None`].
-    pub fn poll_flush(&mut self, out: &mut [u8]) -> Action {
+    pub fn poll_flush(&mut self, now: Instant, out: &mut [u8]) -> Action {
         let Some(id) = self.pending_flush else {
             return Action::None;
         };
+        let relay = self.relay_path(now);
         let Some(peer) = self.peers.get_mut(&id) else {
             self.pending_flush = None;
             return Action::None;
         };
-        match peer.session.decapsulate(None, &[], out) {
-            SessionOutput::ToNetwork { offset, len } => match peer.endpoint {
-                Some(to) => Action::Send { to, offset, len },
-                None => Action::Drop(DropReason::NoEndpoint),
-            },
+        let Some(path) = peer.path(now, relay) else {
+            self.pending_flush = None;
+            return Action::None;
+        };
+        match peer
+            .session
+            .decapsulate(None, &[], &mut out[RELAY_HEADER..])
+        {
+            SessionOutput::ToNetwork { offset, len } => {
+                if offset != 0 {
+                    out.copy_within(
+                        RELAY_HEADER + offset..RELAY_HEADER + offset + len,
+                        RELAY_HEADER,
+                    );
+                }
+                emit(path, &peer.config.public_key, out, len)
+            }
             _ => {
                 self.pending_flush = None;
                 Action::None
@@ -389,43 +898,152 @@ impl Tunnel {
         }
     }
 
-    /// Drives timers (handshake retries, rekeys, keepalives, candidate
-    /// rotation). Call every 100–250 ms; `send` gets each datagram to send.
-    pub fn poll_timers(
+    /// Sends one probe to `peer` over its current path, for `trellis ping`.
+    /// The answer shows up in [`Tunnel::ping_result`] under the returned id.
+    pub fn ping(
         &mut self,
         now: Instant,
+        peer_key: &[u8; 32],
         out: &mut [u8],
-        mut send: impl FnMut(SocketAddr, &[u8]),
-    ) {
+    ) -> Result<(u64, Action), PingError> {
+        let id = *self.by_key.get(peer_key).ok_or(PingError::UnknownPeer)?;
+        let txid = self.next_txid();
+        let relay = self.relay_path(now);
+        let me = *self.public.as_bytes();
+        let peer = self.peers.get_mut(&id).expect("by_key and peers agree");
+        let path = peer.path(now, relay).ok_or(PingError::NoPath)?;
+        let len = disco::encode(Kind::Probe, &me, txid, &peer.pair, &mut out[RELAY_HEADER..]);
+        if let Path::Direct(_) = path {
+            peer.outstanding.push((txid, now));
+        }
+        self.pings.insert(txid, (*peer_key, now, None));
+        Ok((txid, emit(path, peer_key, out, len)))
+    }
+
+    /// The answer to a ping, once it came; the id is forgotten after that.
+    pub fn ping_result(&mut self, txid: u64) -> Option<PingResult> {
+        let r = self.pings.get(&txid)?.2;
+        if r.is_some() {
+            self.pings.remove(&txid);
+        }
+        r
+    }
+
+    /// Drives timers: relay registration, probes and heartbeats, handshake
+    /// retries, rekeys, keepalives. Call every 100–250 ms; `send` gets each
+    /// datagram to send.
+    pub fn poll_timers(&mut self, now: Instant, out: &mut [u8], mut send: impl FnMut(Via, &[u8])) {
         if self
             .last_limiter_reset
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
         {
             self.rate_limiter.reset_count();
             self.last_limiter_reset = Some(now);
         }
-        for peer in self.peers.values_mut() {
-            // Try the next candidate when the current one never answered.
-            let answered = peer
-                .last_authenticated_rx
-                .is_some_and(|t| t >= peer.endpoint_since);
-            if !answered
-                && peer.config.endpoints.len() > 1
-                && now.duration_since(peer.endpoint_since) >= CANDIDATE_TIMEOUT
+        self.pings
+            .retain(|_, p| now.saturating_duration_since(p.1) < PING_TIMEOUT);
+
+        // Register with the edge: often until it answers, then to keep the NAT mapping.
+        if let Some(r) = self.relay.as_mut() {
+            let interval = if r.acked_at.is_some() {
+                Duration::from_secs(frames::REGISTER_INTERVAL_SECS)
+            } else {
+                Duration::from_secs(1)
+            };
+            if r.last_register
+                .is_none_or(|t| now.saturating_duration_since(t) >= interval)
             {
-                peer.candidate = (peer.candidate + 1) % peer.config.endpoints.len();
-                peer.endpoint = Some(peer.config.endpoints[peer.candidate]);
-                peer.endpoint_since = now;
+                r.last_register = Some(now);
+                let n = 1 + r.token.len();
+                if n <= out.len() {
+                    out[0] = FRAME_REGISTER;
+                    out[1..n].copy_from_slice(r.token.as_bytes());
+                    send(Via::Udp(r.edge), &out[..n]);
+                }
             }
-            if let SessionOutput::ToNetwork { offset, len } = peer.session.update_timers(out) {
-                if let Some(to) = peer.endpoint {
-                    send(to, &out[offset..offset + len]);
+        }
+
+        let relay = self.relay_path(now);
+        let me = *self.public.as_bytes();
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in ids {
+            let txid_round = self.next_txid();
+            let peer = self.peers.get_mut(&id).expect("listed above");
+            let alive = peer.direct_alive(now);
+            if peer.direct_was_alive && !alive {
+                tracing::debug!(peer = %peer.config.name, "direct path went silent; using the relay");
+                peer.reset_probing(now);
+            }
+            peer.direct_was_alive = alive;
+
+            if relay.is_none() && peer.direct.is_none() && peer.config.endpoints.len() > 1 {
+                // No relay to fall back on: walk the candidates until one answers.
+                if now.saturating_duration_since(peer.fallback_since) >= CANDIDATE_TIMEOUT {
+                    peer.fallback = (peer.fallback + 1) % peer.config.endpoints.len();
+                    peer.fallback_since = now;
+                }
+            }
+
+            if peer.active(now) {
+                if alive {
+                    if now >= peer.heartbeat_next {
+                        let to = peer.direct.expect("alive implies direct");
+                        let len = disco::encode(Kind::Probe, &me, txid_round, &peer.pair, out);
+                        peer.outstanding.push((txid_round, now));
+                        send(Via::Udp(to), &out[..len]);
+                        peer.heartbeat_next = now + HEARTBEAT_INTERVAL;
+                    }
+                } else if relay.is_some() && now >= peer.probe_next {
+                    let first_round = peer.probe_interval == PROBE_MIN;
+                    let candidates: Vec<SocketAddr> = peer.candidates().collect();
+                    let len = disco::encode(Kind::Probe, &me, txid_round, &peer.pair, out);
+                    for c in &candidates {
+                        send(Via::Udp(*c), &out[..len]);
+                    }
+                    if !candidates.is_empty() {
+                        peer.outstanding.push((txid_round, now));
+                    }
+                    if first_round {
+                        if let Some(path) = relay {
+                            let len = disco::encode(
+                                Kind::CallMe,
+                                &me,
+                                txid_round,
+                                &peer.pair,
+                                &mut out[RELAY_HEADER..],
+                            );
+                            let a = relay_action(path, &peer.config.public_key, out, len);
+                            deliver_to(a, out, &mut send);
+                        }
+                    }
+                    peer.probe_next = now + peer.probe_interval;
+                    peer.probe_interval = (peer.probe_interval * 2).min(PROBE_MAX);
+                }
+            }
+            if peer.outstanding.len() > MAX_OUTSTANDING {
+                let excess = peer.outstanding.len() - MAX_OUTSTANDING;
+                peer.outstanding.drain(..excess);
+            }
+
+            if let SessionOutput::ToNetwork { offset, len } =
+                peer.session.update_timers(&mut out[RELAY_HEADER..])
+            {
+                if let Some(path) = peer.path(now, relay) {
+                    if offset != 0 {
+                        out.copy_within(
+                            RELAY_HEADER + offset..RELAY_HEADER + offset + len,
+                            RELAY_HEADER,
+                        );
+                    }
+                    let a = emit(path, &peer.config.public_key, out, len);
+                    deliver_to(a, out, &mut send);
                 }
             }
         }
     }
 
-    pub fn status(&self) -> Vec<PeerStatus> {
+    pub fn status(&self, now: Instant) -> Vec<PeerStatus> {
+        let relay = self.relay_path(now);
         let mut v: Vec<PeerStatus> = self
             .peers
             .values()
@@ -433,7 +1051,7 @@ impl Tunnel {
                 public_key: p.config.public_key,
                 name: p.config.name.clone(),
                 allowed_ips: p.config.allowed_ips.clone(),
-                path: p.endpoint.map(Path::Direct),
+                path: p.path(now, relay),
                 stats: p.session.stats(),
             })
             .collect();

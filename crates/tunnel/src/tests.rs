@@ -55,12 +55,16 @@ fn ip_packet(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
     p
 }
 
-/// A datagram on the simulated wire.
+/// A datagram on the simulated wire; `tcp` marks a frame on the TCP relay.
 struct Wire {
     from: SocketAddr,
     to: SocketAddr,
     bytes: Vec<u8>,
+    tcp: bool,
 }
+
+/// The address of the simulated edge.
+const EDGE: &str = "198.18.0.100:3478";
 
 struct Node {
     tunnel: Tunnel,
@@ -69,10 +73,31 @@ struct Node {
     drops: Vec<DropReason>,
 }
 
+fn push(wire: &mut Vec<Wire>, from: SocketAddr, action: Action, out: &[u8]) -> Option<DropReason> {
+    match action {
+        Action::Send { to, offset, len } => wire.push(Wire {
+            from,
+            to,
+            bytes: out[offset..offset + len].to_vec(),
+            tcp: false,
+        }),
+        Action::SendRelayTcp { offset, len } => wire.push(Wire {
+            from,
+            to: EDGE.parse().unwrap(),
+            bytes: out[offset..offset + len].to_vec(),
+            tcp: true,
+        }),
+        Action::Drop(r) => return Some(r),
+        Action::None => {}
+        Action::Deliver { .. } => panic!("unexpected delivery"),
+    }
+    None
+}
+
 impl Node {
     fn new(seed: u8, addr: &str) -> Node {
         Node {
-            tunnel: Tunnel::new(key(seed)),
+            tunnel: Tunnel::new(key(seed), seed as u64),
             addr: addr.parse().unwrap(),
             delivered: vec![],
             drops: vec![],
@@ -81,59 +106,150 @@ impl Node {
 
     fn send_ip(&mut self, now: Instant, packet: &[u8], wire: &mut Vec<Wire>) {
         let mut out = vec![0u8; 2048];
-        match self.tunnel.handle_tun_packet(now, packet, &mut out) {
-            Action::Send { to, offset, len } => wire.push(Wire {
-                from: self.addr,
-                to,
-                bytes: out[offset..offset + len].to_vec(),
-            }),
-            Action::Drop(r) => self.drops.push(r),
-            Action::None => {}
-            Action::Deliver { .. } => panic!("tun packet delivered to tun"),
+        let a = self.tunnel.handle_tun_packet(now, packet, &mut out);
+        if let Some(r) = push(wire, self.addr, a, &out) {
+            self.drops.push(r);
         }
     }
 
-    fn receive(&mut self, now: Instant, from: SocketAddr, bytes: &[u8], wire: &mut Vec<Wire>) {
+    fn receive(&mut self, now: Instant, w: &Wire, wire: &mut Vec<Wire>) {
         let mut out = vec![0u8; 2048];
-        match self.tunnel.handle_datagram(now, from, bytes, &mut out) {
-            Action::Send { to, offset, len } => {
-                wire.push(Wire {
-                    from: self.addr,
-                    to,
-                    bytes: out[offset..offset + len].to_vec(),
-                });
-                loop {
-                    match self.tunnel.poll_flush(&mut out) {
-                        Action::Send { to, offset, len } => wire.push(Wire {
-                            from: self.addr,
-                            to,
-                            bytes: out[offset..offset + len].to_vec(),
-                        }),
-                        Action::None => break,
-                        other => panic!("unexpected flush action {other:?}"),
-                    }
-                }
-            }
+        let a = if w.tcp {
+            self.tunnel.handle_relay_tcp_frame(now, &w.bytes, &mut out)
+        } else {
+            self.tunnel.handle_datagram(now, w.from, &w.bytes, &mut out)
+        };
+        match a {
             Action::Deliver { offset, len } => {
                 self.delivered.push(out[offset..offset + len].to_vec())
             }
             Action::Drop(r) => self.drops.push(r),
-            Action::None => {}
+            other => {
+                push(wire, self.addr, other, &out);
+                loop {
+                    match self.tunnel.poll_flush(now, &mut out) {
+                        Action::None => break,
+                        a => {
+                            push(wire, self.addr, a, &out);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Instant, wire: &mut Vec<Wire>) {
+        let mut out = vec![0u8; 2048];
+        let from = self.addr;
+        self.tunnel.poll_timers(now, &mut out, |via, bytes| {
+            let (to, tcp) = match via {
+                Via::Udp(a) => (a, false),
+                Via::RelayTcp => (EDGE.parse().unwrap(), true),
+            };
+            wire.push(Wire {
+                from,
+                to,
+                bytes: bytes.to_vec(),
+                tcp,
+            });
+        });
+    }
+}
+
+/// A tiny edge: answers registrations (the token is the node's address) and
+/// relays `RELAY_SEND` to the destination key over UDP, or over "TCP" to nodes
+/// listed in `tcp_keys`.
+#[derive(Default)]
+struct Edge {
+    udp: Vec<([u8; 32], SocketAddr)>,
+    tcp_keys: Vec<([u8; 32], SocketAddr)>,
+    relayed: usize,
+}
+
+impl Edge {
+    fn handle(&mut self, w: &Wire, keys: &[([u8; 32], SocketAddr)], wire: &mut Vec<Wire>) {
+        let edge: SocketAddr = EDGE.parse().unwrap();
+        let sender_key = |from: SocketAddr| keys.iter().find(|(_, a)| *a == from).map(|(k, _)| *k);
+        match w.bytes[0] {
+            trellis_proto::frames::FRAME_REGISTER if !w.tcp => {
+                let k = sender_key(w.from).expect("known node");
+                self.udp.retain(|(x, _)| *x != k);
+                self.udp.push((k, w.from));
+                let mut out = [0u8; 32];
+                let n = trellis_proto::frames::encode_registered(w.from, &mut out);
+                wire.push(Wire {
+                    from: edge,
+                    to: w.from,
+                    bytes: out[..n].to_vec(),
+                    tcp: false,
+                });
+            }
+            FRAME_RELAY_SEND => {
+                let src = sender_key(w.from).expect("known node");
+                let dst: [u8; 32] = w.bytes[1..33].try_into().unwrap();
+                let mut frame = vec![FRAME_RELAY_RECV];
+                frame.extend_from_slice(&src);
+                frame.extend_from_slice(&w.bytes[33..]);
+                self.relayed += 1;
+                if let Some((_, a)) = self.udp.iter().find(|(k, _)| *k == dst) {
+                    wire.push(Wire {
+                        from: edge,
+                        to: *a,
+                        bytes: frame,
+                        tcp: false,
+                    });
+                } else if let Some((_, a)) = self.tcp_keys.iter().find(|(k, _)| *k == dst) {
+                    wire.push(Wire {
+                        from: edge,
+                        to: *a,
+                        bytes: frame,
+                        tcp: true,
+                    });
+                }
+            }
+            _ => {}
         }
     }
 }
 
 /// Delivers everything on the wire until it is quiet. Datagrams to unknown
-/// addresses are lost.
-fn run(now: Instant, nodes: &mut [&mut Node], wire: &mut Vec<Wire>) {
+/// addresses, and direct datagrams between blocked pairs, are lost.
+fn run_sim(
+    now: Instant,
+    nodes: &mut [&mut Node],
+    edge: &mut Edge,
+    blocked: &[(SocketAddr, SocketAddr)],
+    wire: &mut Vec<Wire>,
+) {
+    let keys: Vec<([u8; 32], SocketAddr)> = nodes
+        .iter()
+        .map(|n| (n.tunnel.public_key(), n.addr))
+        .collect();
+    let edge_addr: SocketAddr = EDGE.parse().unwrap();
     let mut steps = 0;
-    while let Some(w) = (!wire.is_empty()).then(|| wire.remove(0)) {
+    while !wire.is_empty() {
+        let w = wire.remove(0);
         steps += 1;
-        assert!(steps < 1000, "packet storm");
+        assert!(steps < 5000, "packet storm");
+        if w.to == edge_addr {
+            edge.handle(&w, &keys, wire);
+            continue;
+        }
+        if !w.tcp
+            && blocked
+                .iter()
+                .any(|&(x, y)| (x, y) == (w.from, w.to) || (y, x) == (w.from, w.to))
+        {
+            continue;
+        }
         if let Some(n) = nodes.iter_mut().find(|n| n.addr == w.to) {
-            n.receive(now, w.from, &w.bytes, wire);
+            n.receive(now, &w, wire);
         }
     }
+}
+
+fn run(now: Instant, nodes: &mut [&mut Node], wire: &mut Vec<Wire>) {
+    run_sim(now, nodes, &mut Edge::default(), &[], wire);
 }
 
 fn pair() -> (Node, Node, Instant) {
@@ -167,7 +283,7 @@ fn first_packet_triggers_handshake_then_arrives_intact() {
     assert_eq!(wire[0].bytes.len(), back.len() + DATA_OVERHEAD);
     run(now, &mut [&mut a, &mut b], &mut wire);
     assert_eq!(a.delivered, vec![back]);
-    let st = a.tunnel.status();
+    let st = a.tunnel.status(now);
     assert_eq!(st.len(), 1);
     assert_eq!(st[0].name, "b");
     assert_eq!(st[0].path, Some(Path::Direct(B_UL.parse().unwrap())));
@@ -286,7 +402,7 @@ fn endpoint_follows_authenticated_packets() {
     a.send_ip(now, &ip_packet("100.64.0.2", "100.64.0.3", b"2"), &mut wire);
     run(now, &mut [&mut a, &mut b], &mut wire);
     assert_eq!(b.delivered.len(), 2);
-    let st = b.tunnel.status();
+    let st = b.tunnel.status(now);
     assert_eq!(st[0].path, Some(Path::Direct(new_addr)));
     // A forged packet from elsewhere does not move it.
     let mut out = vec![0u8; 2048];
@@ -296,7 +412,7 @@ fn endpoint_follows_authenticated_packets() {
         .tunnel
         .handle_datagram(now, "198.18.9.9:1".parse().unwrap(), &junk, &mut out);
     assert!(matches!(r, Action::Drop(_)));
-    assert_eq!(b.tunnel.status()[0].path, Some(Path::Direct(new_addr)));
+    assert_eq!(b.tunnel.status(now)[0].path, Some(Path::Direct(new_addr)));
 }
 
 #[test]
@@ -317,7 +433,7 @@ fn silent_candidate_is_rotated_after_timeout() {
     let later = now + CANDIDATE_TIMEOUT + Duration::from_millis(1);
     a.tunnel.poll_timers(later, &mut out, |_, _| {});
     assert_eq!(
-        a.tunnel.status()[0].path,
+        a.tunnel.status(now)[0].path,
         Some(Path::Direct(B_UL.parse().unwrap()))
     );
 }
@@ -329,7 +445,7 @@ fn malformed_datagrams_change_nothing() {
     a.send_ip(now, &ip_packet("100.64.0.2", "100.64.0.3", b"1"), &mut wire);
     run(now, &mut [&mut a, &mut b], &mut wire);
     let snapshot = |t: &Tunnel| -> Vec<_> {
-        t.status()
+        t.status(now)
             .into_iter()
             .map(|s| (s.path, s.stats.rx_bytes, s.stats.tx_bytes))
             .collect()
@@ -348,4 +464,218 @@ fn malformed_datagrams_change_nothing() {
         assert!(matches!(r, Action::Drop(_)), "{junk:?} → {r:?}");
     }
     assert_eq!(snapshot(&b.tunnel), before);
+}
+
+/// Two nodes that know each other and the edge. `token` is irrelevant to the sim edge.
+fn relayed_pair() -> (Node, Node, Instant) {
+    let (mut a, mut b, now) = pair();
+    let edge: SocketAddr = EDGE.parse().unwrap();
+    a.tunnel.set_relay(Some((edge, "tok-a".into())));
+    b.tunnel.set_relay(Some((edge, "tok-b".into())));
+    (a, b, now)
+}
+
+fn tick_all(
+    now: Instant,
+    a: &mut Node,
+    b: &mut Node,
+    edge: &mut Edge,
+    blocked: &[(SocketAddr, SocketAddr)],
+) {
+    let mut wire = vec![];
+    a.tick(now, &mut wire);
+    b.tick(now, &mut wire);
+    run_sim(now, &mut [a, b], edge, blocked, &mut wire);
+}
+
+fn path_of(n: &Node, now: Instant) -> &'static str {
+    n.tunnel.status(now)[0]
+        .path
+        .map(|p| p.kind())
+        .unwrap_or("none")
+}
+
+#[test]
+fn blocked_direct_path_uses_the_udp_relay() {
+    let (mut a, mut b, mut now) = relayed_pair();
+    let mut edge = Edge::default();
+    let blocked = [(a.addr, b.addr)];
+    tick_all(now, &mut a, &mut b, &mut edge, &blocked);
+    assert_eq!(a.tunnel.relay_status(now), RelayStatus::Udp);
+    assert_eq!(
+        a.tunnel.reflexive(),
+        Some(a.addr),
+        "the edge's answer is our reflexive address"
+    );
+    let pkt = ip_packet("100.64.0.2", "100.64.0.3", b"via the edge");
+    let mut wire = vec![];
+    a.send_ip(now, &pkt, &mut wire);
+    run_sim(now, &mut [&mut a, &mut b], &mut edge, &blocked, &mut wire);
+    assert_eq!(b.delivered, vec![pkt]);
+    assert!(
+        edge.relayed >= 3,
+        "handshake and data went through the edge"
+    );
+    assert_eq!(path_of(&a, now), "relay-udp");
+    // Probing goes on, bounded and backing off: it never confirms a direct path.
+    for _ in 0..100 {
+        now += Duration::from_millis(100);
+        tick_all(now, &mut a, &mut b, &mut edge, &blocked);
+    }
+    assert_eq!(path_of(&a, now), "relay-udp");
+    assert_eq!(path_of(&b, now), "relay-udp");
+}
+
+#[test]
+fn relay_upgrades_to_direct_and_falls_back_when_direct_dies() {
+    let (mut a, mut b, mut now) = relayed_pair();
+    let mut edge = Edge::default();
+    let blocked = [(a.addr, b.addr)];
+    tick_all(now, &mut a, &mut b, &mut edge, &blocked);
+    let mut wire = vec![];
+    a.send_ip(now, &ip_packet("100.64.0.2", "100.64.0.3", b"1"), &mut wire);
+    run_sim(now, &mut [&mut a, &mut b], &mut edge, &blocked, &mut wire);
+    assert_eq!(path_of(&a, now), "relay-udp");
+
+    // The way opens: within a few probe rounds both sides go direct.
+    let mut upgraded_after = None;
+    for i in 0..50 {
+        now += Duration::from_millis(100);
+        tick_all(now, &mut a, &mut b, &mut edge, &[]);
+        b.send_ip(now, &ip_packet("100.64.0.3", "100.64.0.2", b"x"), &mut wire);
+        run_sim(now, &mut [&mut a, &mut b], &mut edge, &[], &mut wire);
+        if path_of(&a, now) == "direct" && path_of(&b, now) == "direct" {
+            upgraded_after = Some(i);
+            break;
+        }
+    }
+    assert!(upgraded_after.is_some(), "no upgrade to direct");
+    let relayed_before = edge.relayed;
+    let pkt = ip_packet("100.64.0.2", "100.64.0.3", b"direct now");
+    a.send_ip(now, &pkt, &mut wire);
+    run_sim(now, &mut [&mut a, &mut b], &mut edge, &[], &mut wire);
+    assert_eq!(b.delivered.last(), Some(&pkt));
+    assert_eq!(
+        edge.relayed, relayed_before,
+        "direct traffic bypasses the edge"
+    );
+
+    // The direct path dies: within DIRECT_TIMEOUT (+ a tick) traffic is back on the relay.
+    let died = now;
+    while path_of(&a, now) == "direct" {
+        now += Duration::from_millis(100);
+        tick_all(now, &mut a, &mut b, &mut edge, &blocked);
+        a.send_ip(now, &ip_packet("100.64.0.2", "100.64.0.3", b"y"), &mut wire);
+        run_sim(now, &mut [&mut a, &mut b], &mut edge, &blocked, &mut wire);
+        assert!(
+            now - died <= DIRECT_TIMEOUT + Duration::from_millis(200),
+            "fallback too slow"
+        );
+    }
+    assert_eq!(path_of(&a, now), "relay-udp");
+    let pkt = ip_packet("100.64.0.2", "100.64.0.3", b"relayed again");
+    a.send_ip(now, &pkt, &mut wire);
+    run_sim(now, &mut [&mut a, &mut b], &mut edge, &blocked, &mut wire);
+    assert_eq!(b.delivered.last(), Some(&pkt));
+}
+
+#[test]
+fn udp_blocked_node_uses_the_tcp_relay() {
+    let (mut a, mut b, now) = relayed_pair();
+    let mut edge = Edge::default();
+    // a's UDP goes nowhere (not even to the edge); its TCP relay is up.
+    let edge_addr: SocketAddr = EDGE.parse().unwrap();
+    let blocked = [(a.addr, b.addr), (a.addr, edge_addr)];
+    a.tunnel.set_tcp_relay(true);
+    edge.tcp_keys.push((a.tunnel.public_key(), a.addr));
+    // Drop a's UDP registrations by ticking a alone into the void.
+    let mut void = vec![];
+    a.tick(now, &mut void);
+    let mut wire = vec![];
+    b.tick(now, &mut wire);
+    run_sim(now, &mut [&mut a, &mut b], &mut edge, &blocked, &mut wire);
+    assert_eq!(a.tunnel.relay_status(now), RelayStatus::Tcp);
+    let pkt = ip_packet("100.64.0.2", "100.64.0.3", b"over tcp");
+    a.send_ip(now, &pkt, &mut wire);
+    assert!(wire[0].tcp, "a sends over the TCP relay");
+    run_sim(now, &mut [&mut a, &mut b], &mut edge, &blocked, &mut wire);
+    assert_eq!(b.delivered, vec![pkt]);
+    assert_eq!(path_of(&a, now), "relay-tcp");
+    assert_eq!(path_of(&b, now), "relay-udp");
+    let back = ip_packet("100.64.0.3", "100.64.0.2", b"and back");
+    b.send_ip(now, &back, &mut wire);
+    run_sim(now, &mut [&mut a, &mut b], &mut edge, &blocked, &mut wire);
+    assert_eq!(a.delivered, vec![back]);
+}
+
+#[test]
+fn ping_reports_rtt_and_path() {
+    let (mut a, mut b, now) = relayed_pair();
+    let mut edge = Edge::default();
+    let blocked = [(a.addr, b.addr)];
+    tick_all(now, &mut a, &mut b, &mut edge, &blocked);
+    let mut out = vec![0u8; 2048];
+    let (txid, act) = a.tunnel.ping(now, &pubkey(2), &mut out).unwrap();
+    let mut wire = vec![];
+    push(&mut wire, a.addr, act, &out);
+    let later = now + Duration::from_millis(3);
+    run_sim(later, &mut [&mut a, &mut b], &mut edge, &blocked, &mut wire);
+    let r = a.tunnel.ping_result(txid).expect("answered");
+    assert_eq!(r.path.kind(), "relay-udp");
+    assert_eq!(r.rtt, Duration::from_millis(3));
+    assert_eq!(
+        a.tunnel.ping_result(txid),
+        None,
+        "a result is handed out once"
+    );
+    assert_eq!(
+        a.tunnel.ping(now, &[9u8; 32], &mut out).unwrap_err(),
+        PingError::UnknownPeer
+    );
+}
+
+#[test]
+fn forged_probes_and_relay_claims_are_refused() {
+    let (mut a, mut b, now) = relayed_pair();
+    let mut out = vec![0u8; 2048];
+    // A probe claiming to be from a, made with a key that is not a's.
+    let mallory = StaticSecret::from([7u8; 32]);
+    let k = disco::PairKey::derive(&mallory, &pubkey(2));
+    let mut f = [0u8; PEER_FRAME_LEN];
+    disco::encode(disco::Kind::Probe, &pubkey(1), 5, &k, &mut f);
+    let r = b
+        .tunnel
+        .handle_datagram(now, "198.18.9.9:9".parse().unwrap(), &f, &mut out);
+    assert_eq!(r, Action::Drop(DropReason::BadProbe));
+    // A relayed WireGuard packet whose claimed sender is not the session's peer.
+    let mut wire = vec![];
+    let mut edge = Edge::default();
+    tick_all(now, &mut a, &mut b, &mut edge, &[]);
+    a.send_ip(now, &ip_packet("100.64.0.2", "100.64.0.3", b"1"), &mut wire);
+    run_sim(now, &mut [&mut a, &mut b], &mut edge, &[], &mut wire);
+    a.send_ip(now, &ip_packet("100.64.0.2", "100.64.0.3", b"2"), &mut wire);
+    let sent = wire.remove(0).bytes;
+    let data = if sent[0] == FRAME_RELAY_SEND {
+        &sent[RELAY_HEADER..]
+    } else {
+        &sent[..]
+    };
+    assert_eq!(data[0], 4, "a WireGuard data packet");
+    let mut frame = vec![FRAME_RELAY_RECV];
+    frame.extend_from_slice(&[7u8; 32]);
+    frame.extend_from_slice(data);
+    let r = b.tunnel.handle_relay_tcp_frame(now, &frame, &mut out);
+    assert_eq!(r, Action::Drop(DropReason::UnknownPeer));
+    // Frames from anyone but the edge are not relay frames.
+    let mut fake_ack = [0u8; 32];
+    let n =
+        trellis_proto::frames::encode_registered("198.18.7.7:7".parse().unwrap(), &mut fake_ack);
+    let r = b.tunnel.handle_datagram(
+        now,
+        "198.18.7.7:7".parse().unwrap(),
+        &fake_ack[..n],
+        &mut out,
+    );
+    assert_eq!(r, Action::Drop(DropReason::Malformed));
+    assert_eq!(b.tunnel.reflexive(), Some(b.addr));
 }

@@ -1,0 +1,2 @@
+-- The node's server-reflexive address (what the edge's STUN saw), "IP:PORT".
+ALTER TABLE nodes ADD COLUMN reflexive TEXT;

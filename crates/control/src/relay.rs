@@ -1,0 +1,137 @@
+//! The control plane's side of the edge relay: relay credentials in network
+//! maps, and the TCP relay — a WebSocket at `/api/v1/relay` for nodes whose
+//! UDP is blocked, carrying the same binary frames as the edge's UDP port.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::body::Bytes;
+use axum::extract::ws::{Message, WebSocket};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use trellis_edge::RelayHub;
+use trellis_proto::{NodeKey, RelayInfo};
+
+use crate::api::AppState;
+use crate::store::Node;
+use crate::stream::{
+    close, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, IDLE_TIMEOUT, PING_INTERVAL,
+};
+
+/// Path of the TCP relay on the HTTP port.
+pub const RELAY_WS_PATH: &str = "/api/v1/relay";
+/// Lifetime of a relay token.
+pub const RELAY_TOKEN_TTL_SECS: i64 = 24 * 3600;
+/// How often each open control stream gets a fresh relay token.
+pub const RELAY_REFRESH: Duration = Duration::from_secs(3600);
+
+/// The relay hub shared by the edge's UDP port and the WebSocket relay, and
+/// where nodes find the edge.
+pub struct Relay {
+    pub hub: Arc<RelayHub>,
+    /// `HOST:PORT` of the edge's UDP port; None when this server runs no edge.
+    pub udp: Option<String>,
+}
+
+impl Relay {
+    /// The relay credential of `key` in `account_id` at unix time `now`;
+    /// None when no edge runs.
+    pub fn info(&self, account_id: i64, key: &NodeKey, now: i64) -> Option<RelayInfo> {
+        let udp = self.udp.clone()?;
+        let expires_at = now.saturating_add(RELAY_TOKEN_TTL_SECS);
+        Some(RelayInfo {
+            udp,
+            ws_path: RELAY_WS_PATH.to_string(),
+            token: self.hub.issue_token(account_id, &key.0, expires_at),
+            expires_at,
+        })
+    }
+}
+
+/// Runs the relay WebSocket of `node` (already authenticated) until it ends.
+pub async fn run(state: AppState, node: Node, mut ws: WebSocket) {
+    let key = node.public_key.0;
+    let hub = state.relay.hub.clone();
+    let (conn_id, frames) = match hub.attach_ws(node.account_id, &key) {
+        Ok(x) => x,
+        Err(e) => {
+            close(&mut ws, CLOSE_POLICY, &e.to_string()).await;
+            return;
+        }
+    };
+    tracing::debug!(node = %node.name, "relay WebSocket attached");
+    let mut shutdown = state.hub.shutdown_signal();
+    let result = pump(&hub, &key, &mut ws, frames, &mut shutdown).await;
+    hub.detach_ws(&key, conn_id);
+    match result {
+        Ok(()) => tracing::debug!(node = %node.name, "relay WebSocket closed"),
+        Err(e) => {
+            tracing::debug!(node = %node.name, error = %format!("{e:#}"), "relay WebSocket failed")
+        }
+    }
+}
+
+/// Sends one message; a node that stops reading for IDLE_TIMEOUT is given up on
+/// (frames for it meanwhile are dropped by the hub, which never waits).
+async fn send(ws: &mut WebSocket, msg: Message) -> anyhow::Result<()> {
+    tokio::time::timeout(IDLE_TIMEOUT, ws.send(msg))
+        .await
+        .context("the node stopped reading from the relay")?
+        .context("sending to the node")
+}
+
+async fn pump(
+    hub: &RelayHub,
+    key: &[u8; 32],
+    ws: &mut WebSocket,
+    mut frames: mpsc::Receiver<Vec<u8>>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            msg = ws.recv() => {
+                let msg = match msg {
+                    None => return Ok(()),
+                    Some(Err(e)) => return Err(e).context("reading from the node"),
+                    Some(Ok(m)) => m,
+                };
+                last_heard = Instant::now();
+                match msg {
+                    Message::Binary(frame) => {
+                        let outcome = hub.handle_ws_frame(std::time::Instant::now(), key, &frame);
+                        tracing::trace!(?outcome, "relay frame from a WebSocket");
+                    }
+                    Message::Close(_) => return Ok(()),
+                    _ => {}
+                }
+            }
+            frame = frames.recv() => match frame {
+                Some(frame) => send(ws, Message::Binary(frame.into())).await?,
+                None => {
+                    close(
+                        ws,
+                        CLOSE_NORMAL,
+                        "relay session ended: the node was removed or connected to the relay again",
+                    )
+                    .await;
+                    return Ok(());
+                }
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() >= IDLE_TIMEOUT {
+                    close(ws, CLOSE_GOING_AWAY, "no traffic for 30 s").await;
+                    return Ok(());
+                }
+                send(ws, Message::Ping(Bytes::new())).await?;
+            }
+            _ = shutdown.changed() => {
+                close(ws, CLOSE_GOING_AWAY, "server shutting down").await;
+                return Ok(());
+            }
+        }
+    }
+}
