@@ -8,7 +8,11 @@
 //!   namespace, so labs are fully isolated and may run in parallel with the
 //!   same addresses;
 //! - underlay addresses come from 198.18.0.0/15, overlay from 100.64.0.0/10;
-//! - traffic helpers only talk to hosts inside the lab's namespaces.
+//! - traffic helpers only talk to hosts inside the lab's namespaces;
+//! - every namespace gets its own `/etc/netns/<ns>/resolv.conf` before any
+//!   process starts in it, so `ip netns exec` shows that file as the
+//!   namespace's `/etc/resolv.conf` and an agent that rewrites its resolver
+//!   never touches the root namespace's file.
 //!
 //! Everything a lab creates (processes, namespaces, temp dirs) is released in
 //! `Drop`, also while unwinding from a failed assertion; on such a panic the
@@ -162,6 +166,35 @@ fn cleanup_stale_namespaces() {
             let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         }
     }
+    // Per-namespace /etc files of dead test processes.
+    if let Ok(rd) = fs::read_dir(NETNS_ETC) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix("tre-") else {
+                continue;
+            };
+            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if pid == me || !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// Where `ip netns exec` finds per-namespace /etc files.
+const NETNS_ETC: &str = "/etc/netns";
+
+/// The resolv.conf every lab namespace starts with (a resolver address inside
+/// the lab's underlay; nothing answers there unless a test starts one).
+pub const LAB_RESOLV_CONF: &str =
+    "# trellis e2e lab namespace (tests/harness)\nnameserver 198.18.0.53\n";
+
+/// `/etc/netns/<ns>/resolv.conf`: what processes started with
+/// `ip netns exec <ns>` see as `/etc/resolv.conf`.
+pub fn netns_resolv_conf(ns: &str) -> PathBuf {
+    Path::new(NETNS_ETC).join(ns).join("resolv.conf")
 }
 
 // ---------------------------------------------------------------------------
@@ -278,8 +311,18 @@ impl Lab {
 
     fn add_netns(&self, short: &str) -> String {
         let ns = format!("{}-{}", self.prefix, short);
-        sh(&["ip", "netns", "add", &ns]).unwrap_or_else(|e| self.fail(&e));
+        // The namespace's own resolv.conf exists before the namespace (and
+        // so before any process in it): nothing started with
+        // `ip netns exec` can ever see, or write, the root namespace's file.
+        let rc = netns_resolv_conf(&ns);
+        if let Some(d) = rc.parent() {
+            fs::create_dir_all(d)
+                .unwrap_or_else(|e| self.fail(&format!("create {}: {e}", d.display())));
+        }
         self.st().namespaces.push(ns.clone());
+        fs::write(&rc, LAB_RESOLV_CONF)
+            .unwrap_or_else(|e| self.fail(&format!("write {}: {e}", rc.display())));
+        sh(&["ip", "netns", "add", &ns]).unwrap_or_else(|e| self.fail(&e));
         sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]).unwrap_or_else(|e| self.fail(&e));
         ns
     }
@@ -320,6 +363,41 @@ impl Lab {
             "underlay address {addr} is outside 198.18.0.0/15"
         );
         let ns = self.add_netns(name);
+        let host = Host {
+            name: name.to_string(),
+            ns,
+            addr,
+        };
+        self.attach(&host, sw, "eth0", cidr);
+        host
+    }
+
+    /// Another L2 switch (a namespace `<prefix>-<short>` with a bridge
+    /// `br0`), e.g. a LAN behind a mesh node.
+    pub fn new_switch(&self, short: &str) -> Switch {
+        let ns = self.add_netns(short);
+        for args in [
+            vec!["ip", "-n", &ns, "link", "add", "br0", "type", "bridge"],
+            vec!["ip", "-n", &ns, "link", "set", "br0", "up"],
+        ] {
+            sh(&args).unwrap_or_else(|e| self.fail(&e));
+        }
+        Switch { ns }
+    }
+
+    /// Plugs `host` into `sw` with a new interface `ifname` carrying `cidr`
+    /// (from 198.18.0.0/15): a second leg for a multi-homed host.
+    pub fn attach(&self, host: &Host, sw: &Switch, ifname: &str, cidr: &str) {
+        let addr: Ipv4Addr = cidr
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("bad address {cidr}"));
+        assert!(
+            in_net(addr, Ipv4Addr::new(198, 18, 0, 0), 15),
+            "underlay address {addr} is outside 198.18.0.0/15"
+        );
+        let ns = &host.ns;
         let port = {
             let mut st = self.st();
             st.veths += 1;
@@ -329,22 +407,39 @@ impl Lab {
         // ever exists in the root namespace.
         let cmds: Vec<Vec<&str>> = vec![
             vec![
-                "ip", "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port,
+                "ip", "-n", ns, "link", "add", ifname, "type", "veth", "peer", "name", &port,
                 "netns", &sw.ns,
             ],
             vec!["ip", "-n", &sw.ns, "link", "set", &port, "master", "br0"],
             vec!["ip", "-n", &sw.ns, "link", "set", &port, "up"],
-            vec!["ip", "-n", &ns, "addr", "add", cidr, "dev", "eth0"],
-            vec!["ip", "-n", &ns, "link", "set", "eth0", "up"],
+            vec!["ip", "-n", ns, "addr", "add", cidr, "dev", ifname],
+            vec!["ip", "-n", ns, "link", "set", ifname, "up"],
         ];
         for c in cmds {
             sh(&c).unwrap_or_else(|e| self.fail(&e));
         }
-        Host {
-            name: name.to_string(),
-            ns,
-            addr,
-        }
+    }
+
+    /// Runs `ip ARGS` inside `host`'s namespace (`ip -n`); fails the test
+    /// on error.
+    pub fn ip(&self, host: &Host, args: &[&str]) {
+        let mut a = vec!["ip", "-n", host.ns.as_str()];
+        a.extend_from_slice(args);
+        sh(&a).unwrap_or_else(|e| self.fail(&e));
+    }
+
+    /// Replaces the namespace's resolv.conf (do it before starting the
+    /// processes that should see it).
+    pub fn set_resolv_conf(&self, host: &Host, content: &[u8]) {
+        let p = netns_resolv_conf(&host.ns);
+        fs::write(&p, content)
+            .unwrap_or_else(|e| self.fail(&format!("write {}: {e}", p.display())));
+    }
+
+    /// The namespace's resolv.conf as processes in it see it now.
+    pub fn resolv_conf(&self, host: &Host) -> Vec<u8> {
+        let p = netns_resolv_conf(&host.ns);
+        fs::read(&p).unwrap_or_else(|e| self.fail(&format!("read {}: {e}", p.display())))
     }
 
     // -- processes ---------------------------------------------------------
@@ -622,6 +717,7 @@ impl Drop for Lab {
         }
         for ns in st.namespaces.drain(..).rev() {
             let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+            let _ = fs::remove_dir_all(Path::new(NETNS_ETC).join(&ns));
         }
         if std::env::var_os("TRELLIS_E2E_KEEP").is_some() {
             eprintln!("[harness] keeping {}", self.dir.display());
@@ -936,6 +1032,8 @@ pub struct TokenOpts<'a> {
     pub account: Option<&'a str>,
     /// Defaults to the operator key.
     pub api_key: Option<&'a str>,
+    /// `--routes-auto-approve`.
+    pub routes_auto_approve: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -1102,6 +1200,9 @@ impl Lab {
         if let Some(a) = opts.account {
             args.extend_from_slice(&["--account", a]);
         }
+        if opts.routes_auto_approve {
+            args.push("--routes-auto-approve");
+        }
         let out = self.admin_ok(srv, &key, &args);
         one_line(self, &out, "token create")
     }
@@ -1165,10 +1266,25 @@ impl Lab {
         token: &str,
         state_dir: Option<&Path>,
     ) -> Node {
+        self.join_with(host, srv, name, token, state_dir, &[])
+    }
+
+    /// Like [`Lab::join`] with extra `trellis join` flags (e.g.
+    /// `--advertise-routes 198.19.10.0/24`).
+    pub fn join_with(
+        &self,
+        host: &Host,
+        srv: &Server,
+        name: &str,
+        token: &str,
+        state_dir: Option<&Path>,
+        extra: &[&str],
+    ) -> Node {
         let sd = state_dir
             .map(Path::to_path_buf)
             .unwrap_or_else(|| self.path(&format!("{name}-state")));
-        let args = Self::join_args(&srv.url, Some(token), name, &sd);
+        let mut args = Self::join_args(&srv.url, Some(token), name, &sd);
+        args.extend(extra.iter().map(|s| s.to_string()));
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         let proc = self.spawn(host, &format!("node-{name}"), trellis_bin(), &a);
         Node {
@@ -1216,7 +1332,23 @@ impl Lab {
         state_dir: &Path,
         timeout: Duration,
     ) -> CmdOutput {
-        let args = Self::join_args(srv_url, token, name, state_dir);
+        self.join_once_with(host, srv_url, name, token, state_dir, timeout, &[])
+    }
+
+    /// Like [`Lab::join_once`] with extra `trellis join` flags.
+    #[allow(clippy::too_many_arguments)]
+    pub fn join_once_with(
+        &self,
+        host: &Host,
+        srv_url: &str,
+        name: &str,
+        token: Option<&str>,
+        state_dir: &Path,
+        timeout: Duration,
+        extra: &[&str],
+    ) -> CmdOutput {
+        let mut args = Self::join_args(srv_url, token, name, state_dir);
+        args.extend(extra.iter().map(|s| s.to_string()));
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         self.run(&host.ns, trellis_bin(), &a, timeout)
     }
@@ -1442,4 +1574,234 @@ impl Lab {
             self.fail(&format!("nft failed:\n{}", out.describe()));
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// A plain HTTP server that reports who it saw (for hosts without Trellis)
+// ---------------------------------------------------------------------------
+
+/// An HTTP/1.0 server in a namespace. Every answer is `200 OK` with the body
+/// `server=<name>\npeer=<ip>:<port>\n`, `peer` being the source address the
+/// server saw; the peers are also recorded in `peers`. Stops when dropped.
+pub struct HttpServer {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl HttpServer {
+    /// Source addresses seen so far.
+    pub fn seen(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Starts an [`HttpServer`] bound to `addr` inside `ns`.
+pub fn http_serve(ns: &str, addr: SocketAddr, name: &str) -> Result<HttpServer, String> {
+    let l = in_netns(ns, move || {
+        TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))
+    })?;
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let (stop2, peers2, name2) = (stop.clone(), peers.clone(), name.to_string());
+    let thread = thread::spawn(move || {
+        while !stop2.load(Ordering::SeqCst) {
+            match l.accept() {
+                Ok((s, peer)) => {
+                    peers2.lock().unwrap_or_else(|e| e.into_inner()).push(peer);
+                    let n = name2.clone();
+                    thread::spawn(move || {
+                        let _ = serve_http(s, peer, &n);
+                    });
+                }
+                Err(_) => thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    Ok(HttpServer {
+        addr,
+        name: name.to_string(),
+        peers,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+fn serve_http(mut s: TcpStream, peer: SocketAddr, name: &str) -> std::io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        req.extend_from_slice(&buf[..n]);
+    }
+    let body = format!("server={name}\npeer={peer}\n");
+    write!(
+        s,
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    s.flush()?;
+    let _ = s.shutdown(Shutdown::Write);
+    Ok(())
+}
+
+/// `(server, peer)` from an [`HttpServer`] answer body.
+pub fn http_body_peer(body: &str) -> Option<(String, SocketAddr)> {
+    let mut server = None;
+    let mut peer = None;
+    for l in body.lines() {
+        if let Some(v) = l.strip_prefix("server=") {
+            server = Some(v.trim().to_string());
+        } else if let Some(v) = l.strip_prefix("peer=") {
+            peer = v.trim().parse().ok();
+        }
+    }
+    Some((server?, peer?))
+}
+
+// ---------------------------------------------------------------------------
+// A tiny authoritative DNS responder (an "upstream resolver" for the lab)
+// ---------------------------------------------------------------------------
+
+/// UDP DNS responder in a namespace with fixed A records. A known name gets
+/// its A record (NOERROR with no answer for other types); any other name
+/// NXDOMAIN. Every question is logged in `queries` as `name type`.
+pub struct DnsServer {
+    pub addr: SocketAddr,
+    pub queries: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl DnsServer {
+    pub fn queries(&self) -> Vec<String> {
+        self.queries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Starts a [`DnsServer`] on UDP `addr` inside `ns` answering `records`
+/// (names without a trailing dot, case-insensitive).
+pub fn dns_serve(
+    ns: &str,
+    addr: SocketAddr,
+    records: &[(&str, Ipv4Addr)],
+) -> Result<DnsServer, String> {
+    let sock = in_netns(ns, move || {
+        std::net::UdpSocket::bind(addr).map_err(|e| format!("bind udp {addr}: {e}"))
+    })?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .map_err(|e| e.to_string())?;
+    let records: Vec<(String, Ipv4Addr)> = records
+        .iter()
+        .map(|(n, a)| (n.trim_end_matches('.').to_ascii_lowercase(), *a))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let queries = Arc::new(Mutex::new(Vec::new()));
+    let (stop2, q2) = (stop.clone(), queries.clone());
+    let thread = thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while !stop2.load(Ordering::SeqCst) {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            if let Some((resp, logline)) = dns_answer(&buf[..n], &records) {
+                q2.lock().unwrap_or_else(|e| e.into_inner()).push(logline);
+                let _ = sock.send_to(&resp, from);
+            }
+        }
+    });
+    Ok(DnsServer {
+        addr,
+        queries,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+/// Parses the first question of a DNS query: (name, qtype, end offset of
+/// the question).
+pub fn dns_parse_question(q: &[u8]) -> Option<(String, u16, usize)> {
+    if q.len() < 12 || u16::from_be_bytes([q[4], q[5]]) == 0 {
+        return None;
+    }
+    let mut i = 12;
+    let mut labels: Vec<String> = Vec::new();
+    loop {
+        let len = *q.get(i)? as usize;
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        if len & 0xC0 != 0 {
+            return None; // no compression in questions
+        }
+        let l = q.get(i..i + len)?;
+        labels.push(String::from_utf8_lossy(l).to_ascii_lowercase());
+        i += len;
+    }
+    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
+    let _qclass = u16::from_be_bytes([*q.get(i + 2)?, *q.get(i + 3)?]);
+    Some((labels.join("."), qtype, i + 4))
+}
+
+fn dns_answer(q: &[u8], records: &[(String, Ipv4Addr)]) -> Option<(Vec<u8>, String)> {
+    let (name, qtype, qend) = dns_parse_question(q)?;
+    if q[2] & 0x80 != 0 {
+        return None; // a response, not a query
+    }
+    let hit = records.iter().find(|(n, _)| *n == name).map(|(_, a)| *a);
+    let rd = q[2] & 0x01;
+    let rcode: u8 = if hit.is_some() { 0 } else { 3 };
+    let answer = match hit {
+        Some(a) if qtype == 1 => Some(a),
+        _ => None,
+    };
+    let mut r = Vec::with_capacity(qend + 16);
+    r.extend_from_slice(&q[0..2]); // id
+    r.push(0x80 | 0x04 | rd); // QR, AA, RD copied
+    r.push(0x80 | rcode); // RA, rcode
+    r.extend_from_slice(&1u16.to_be_bytes()); // qdcount
+    r.extend_from_slice(&(answer.is_some() as u16).to_be_bytes()); // ancount
+    r.extend_from_slice(&0u16.to_be_bytes()); // nscount
+    r.extend_from_slice(&0u16.to_be_bytes()); // arcount
+    r.extend_from_slice(&q[12..qend]);
+    if let Some(a) = answer {
+        r.extend_from_slice(&[0xC0, 0x0C]); // name: pointer to the question
+        r.extend_from_slice(&1u16.to_be_bytes()); // A
+        r.extend_from_slice(&1u16.to_be_bytes()); // IN
+        r.extend_from_slice(&60u32.to_be_bytes()); // ttl
+        r.extend_from_slice(&4u16.to_be_bytes());
+        r.extend_from_slice(&a.octets());
+    }
+    Some((r, format!("{name} {qtype}")))
 }

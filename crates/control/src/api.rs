@@ -17,13 +17,17 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use trellis_proto::{
-    validate_name, AccountInfo, ApiError, CreateAccountRequest, CreateAccountResponse,
-    CreateTokenRequest, CreateTokenResponse, EnrollRequest, EnrollResponse, NodeInfo,
+    validate_name, AccountInfo, ApiError, ApproveRouteRequest, CreateAccountRequest,
+    CreateAccountResponse, CreateTokenRequest, CreateTokenResponse, DnsRecordInfo, EnrollRequest,
+    EnrollResponse, NodeInfo, RenameNodeRequest, RouteInfo,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::map::{endpoints, Hub};
+use crate::mesh::{
+    account_domain, validate_record_addr, validate_record_name, validate_routes, MAX_FQDN,
+};
 use crate::relay::{self, Relay};
 use crate::store::{validate_cidr, Account, Enrollment, Node, Store, StoreError};
 use crate::stream;
@@ -34,6 +38,8 @@ pub struct AppState {
     pub store: Store,
     pub hub: Arc<Hub>,
     pub relay: Arc<Relay>,
+    /// Suffix of every account's domain (`ACCOUNT.SUFFIX`).
+    pub dns_suffix: Arc<str>,
 }
 
 /// Unix seconds now.
@@ -274,9 +280,21 @@ pub async fn create_token(
     let ttl = req.ttl_secs.unwrap_or(3600);
     let (token, expires_at) = st
         .store
-        .create_token(admin.account.id, req.reusable, ttl, &req.tags, now())
+        .create_token(
+            admin.account.id,
+            req.reusable,
+            req.routes_auto_approve,
+            ttl,
+            &req.tags,
+            now(),
+        )
         .await?;
-    tracing::info!(account = %admin.account.name, reusable = req.reusable, "join token created");
+    tracing::info!(
+        account = %admin.account.name,
+        reusable = req.reusable,
+        routes_auto_approve = req.routes_auto_approve,
+        "join token created"
+    );
     Ok((
         StatusCode::CREATED,
         Json(CreateTokenResponse {
@@ -301,26 +319,218 @@ pub async fn list_nodes(
     let nodes = st.store.list_nodes(admin.account.id).await?;
     let out = nodes
         .iter()
-        .map(|n| {
-            let online = st.hub.is_online(n.id);
-            NodeInfo {
-                id: n.id,
-                name: n.name.clone(),
-                account: admin.account.name.clone(),
-                ip: n.ip,
-                public_key: n.public_key,
-                online,
-                // A connected node is being seen right now.
-                last_seen: if online { Some(now()) } else { n.last_seen },
-                created_at: n.created_at,
-                os: n.os.clone(),
-                version: n.version.clone(),
-                tags: n.tags.clone(),
-                endpoints: endpoints(n),
-            }
-        })
+        .map(|n| node_info(&st, &admin.account, n))
         .collect();
     Ok(Json(out))
+}
+
+fn node_info(st: &AppState, account: &Account, n: &Node) -> NodeInfo {
+    let online = st.hub.is_online(n.id);
+    NodeInfo {
+        id: n.id,
+        name: n.name.clone(),
+        account: account.name.clone(),
+        ip: n.ip,
+        public_key: n.public_key,
+        online,
+        // A connected node is being seen right now.
+        last_seen: if online { Some(now()) } else { n.last_seen },
+        created_at: n.created_at,
+        os: n.os.clone(),
+        version: n.version.clone(),
+        tags: n.tags.clone(),
+        endpoints: endpoints(n),
+    }
+}
+
+/// Renames a node. The node gets its new name at once, its peers and
+/// everyone's DNS names follow.
+#[utoipa::path(patch, path = "/api/v1/nodes/{name}", tag = "nodes",
+    request_body = RenameNodeRequest,
+    params(("name" = String, Path, description = "Current node name"),
+        ("account" = Option<String>, Query, description = "Account to act on (operator key only; default: the key's own)")),
+    security(("bearer" = [])),
+    responses((status = 200, body = NodeInfo),
+        (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError),
+        (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn rename_node(
+    State(st): State<AppState>,
+    admin: Admin,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<RenameNodeRequest>,
+) -> Result<Json<NodeInfo>, ApiErr> {
+    validate_name("node", &req.name).map_err(|e| ApiErr::new(StatusCode::BAD_REQUEST, e))?;
+    let node = st
+        .store
+        .rename_node(&admin.account, &name, &req.name)
+        .await?;
+    if name != node.name {
+        st.hub.notify(admin.account.id);
+        tracing::info!(account = %admin.account.name, from = %name, to = %node.name, "node renamed");
+    }
+    Ok(Json(node_info(&st, &admin.account, &node)))
+}
+
+/// The routes of an account, with which node is primary for each subnet now.
+async fn route_infos(st: &AppState, account: &Account) -> Result<Vec<RouteInfo>, ApiErr> {
+    let routes = st.store.list_routes(account.id).await?;
+    let approved = st.store.approved_routes(account.id).await?;
+    let online = st.hub.online_in(account.id);
+    let primaries = st.hub.primaries(account.id, &approved, &online);
+    Ok(routes
+        .into_iter()
+        .map(|r| RouteInfo {
+            primary: primaries.get(&r.cidr) == Some(&r.node_id),
+            online: online.contains(&r.node_id),
+            approved: r.approved_seq.is_some(),
+            node: r.node_name,
+            cidr: r.cidr,
+        })
+        .collect())
+}
+
+/// Lists the subnets the account's nodes advertise, approved or not. Of the
+/// nodes with a subnet approved, the first approved that is online is primary
+/// (it carries the subnet); when none is online the last primary stays.
+#[utoipa::path(get, path = "/api/v1/routes", tag = "routes",
+    params(("account" = Option<String>, Query, description = "Account to act on (operator key only; default: the key's own)")),
+    security(("bearer" = [])),
+    responses((status = 200, body = Vec<RouteInfo>),
+        (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+pub async fn list_routes(
+    State(st): State<AppState>,
+    admin: Admin,
+) -> Result<Json<Vec<RouteInfo>>, ApiErr> {
+    Ok(Json(route_infos(&st, &admin.account).await?))
+}
+
+/// Approves a subnet a node advertises: it is routed into the mesh through
+/// that node (when it is primary). The approval survives re-advertisement.
+#[utoipa::path(post, path = "/api/v1/routes/approve", tag = "routes",
+    request_body = ApproveRouteRequest,
+    params(("account" = Option<String>, Query, description = "Account to act on (operator key only; default: the key's own)")),
+    security(("bearer" = [])),
+    responses((status = 200, body = RouteInfo),
+        (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError),
+        (status = 404, body = ApiError)))]
+pub async fn approve_route(
+    State(st): State<AppState>,
+    admin: Admin,
+    ApiJson(req): ApiJson<ApproveRouteRequest>,
+) -> Result<Json<RouteInfo>, ApiErr> {
+    if req.cidr.addr() != req.cidr.network() {
+        return Err(ApiErr::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{} has host bits set; did you mean {}?",
+                req.cidr,
+                req.cidr.trunc()
+            ),
+        ));
+    }
+    let entry = st
+        .store
+        .approve_route(&admin.account, &req.node, &req.cidr, now())
+        .await?;
+    st.hub.notify(admin.account.id);
+    tracing::info!(account = %admin.account.name, node = %req.node, cidr = %req.cidr, "route approved");
+    let infos = route_infos(&st, &admin.account).await?;
+    let info = infos
+        .into_iter()
+        .find(|r| r.cidr == entry.cidr && r.node == entry.node_name)
+        .ok_or_else(|| {
+            ApiErr::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "node {:?} stopped advertising {} while it was being approved; the approval is kept for when it advertises it again",
+                    req.node, req.cidr
+                ),
+            )
+        })?;
+    Ok(Json(info))
+}
+
+/// Lists the account's extra DNS records (node names are always there too).
+#[utoipa::path(get, path = "/api/v1/dns", tag = "dns",
+    params(("account" = Option<String>, Query, description = "Account to act on (operator key only; default: the key's own)")),
+    security(("bearer" = [])),
+    responses((status = 200, body = Vec<DnsRecordInfo>),
+        (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+pub async fn list_dns(
+    State(st): State<AppState>,
+    admin: Admin,
+) -> Result<Json<Vec<DnsRecordInfo>>, ApiErr> {
+    let domain = account_domain(&admin.account.name, &st.dns_suffix);
+    let records = st.store.dns_records(admin.account.id).await?;
+    Ok(Json(
+        records
+            .into_iter()
+            .map(|(name, addr)| DnsRecordInfo {
+                fqdn: format!("{name}.{domain}"),
+                name,
+                addr,
+            })
+            .collect(),
+    ))
+}
+
+/// Adds an extra DNS record: `name` (relative, e.g. `db` or `db.prod`)
+/// answers as `NAME.ACCOUNT.SUFFIX` on every node of the account. `fqdn` is
+/// ignored on input.
+#[utoipa::path(post, path = "/api/v1/dns", tag = "dns",
+    request_body = DnsRecordInfo,
+    params(("account" = Option<String>, Query, description = "Account to act on (operator key only; default: the key's own)")),
+    security(("bearer" = [])),
+    responses((status = 201, body = DnsRecordInfo),
+        (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError),
+        (status = 409, body = ApiError)))]
+pub async fn add_dns(
+    State(st): State<AppState>,
+    admin: Admin,
+    ApiJson(req): ApiJson<DnsRecordInfo>,
+) -> Result<(StatusCode, Json<DnsRecordInfo>), ApiErr> {
+    let bad = |e: String| ApiErr::new(StatusCode::BAD_REQUEST, e);
+    validate_record_name(&req.name).map_err(bad)?;
+    validate_record_addr(&req.addr).map_err(bad)?;
+    let domain = account_domain(&admin.account.name, &st.dns_suffix);
+    let fqdn = format!("{}.{domain}", req.name);
+    if fqdn.len() > MAX_FQDN {
+        return Err(bad(format!(
+            "{fqdn} is {} characters long; a DNS name holds at most {MAX_FQDN}: use a shorter record name",
+            fqdn.len()
+        )));
+    }
+    st.store
+        .add_dns_record(&admin.account, &req.name, req.addr, now())
+        .await?;
+    st.hub.notify(admin.account.id);
+    tracing::info!(account = %admin.account.name, %fqdn, addr = %req.addr, "DNS record added");
+    Ok((
+        StatusCode::CREATED,
+        Json(DnsRecordInfo {
+            name: req.name,
+            addr: req.addr,
+            fqdn,
+        }),
+    ))
+}
+
+/// Removes an extra DNS record.
+#[utoipa::path(delete, path = "/api/v1/dns/{name}", tag = "dns",
+    params(("name" = String, Path, description = "Record name, relative to the account's domain"),
+        ("account" = Option<String>, Query, description = "Account to act on (operator key only; default: the key's own)")),
+    security(("bearer" = [])),
+    responses((status = 204, description = "Removed"),
+        (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
+pub async fn delete_dns(
+    State(st): State<AppState>,
+    admin: Admin,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiErr> {
+    st.store.delete_dns_record(&admin.account, &name).await?;
+    st.hub.notify(admin.account.id);
+    tracing::info!(account = %admin.account.name, record = %name, "DNS record removed");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Deletes a node. Its key is revoked for good; its peers and its own stream are told at once.
@@ -356,7 +566,10 @@ pub async fn enroll(
     State(st): State<AppState>,
     ApiJson(req): ApiJson<EnrollRequest>,
 ) -> Result<Json<EnrollResponse>, ApiErr> {
+    let advertise_routes = validate_routes(&req.advertise_routes)
+        .map_err(|e| ApiErr::new(StatusCode::BAD_REQUEST, e))?;
     let enrollment = Enrollment {
+        advertise_routes,
         token: req.token,
         public_key: req.public_key,
         name: req.name,
@@ -501,11 +714,13 @@ impl Modify for BearerAuth {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Trellis control plane", description = "Accounts, join tokens, nodes and the node control stream of a Trellis mesh."),
+    info(title = "Trellis control plane", description = "Accounts, join tokens, nodes, subnet routes, DNS names and the node control stream of a Trellis mesh."),
     paths(health, openapi_json, create_account, list_accounts, create_token, list_nodes,
-        delete_node, enroll, node_stream, relay_ws),
+        delete_node, rename_node, list_routes, approve_route, list_dns, add_dns, delete_dns,
+        enroll, node_stream, relay_ws),
     components(schemas(ApiError, AccountInfo, CreateAccountRequest, CreateAccountResponse,
-        CreateTokenRequest, CreateTokenResponse, NodeInfo, EnrollRequest, EnrollResponse)),
+        CreateTokenRequest, CreateTokenResponse, NodeInfo, EnrollRequest, EnrollResponse,
+        RouteInfo, ApproveRouteRequest, DnsRecordInfo, RenameNodeRequest)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -518,7 +733,11 @@ pub fn router(state: AppState) -> Router {
         .route("/accounts", post(create_account).get(list_accounts))
         .route("/tokens", post(create_token))
         .route("/nodes", get(list_nodes))
-        .route("/nodes/{name}", delete(delete_node))
+        .route("/nodes/{name}", delete(delete_node).patch(rename_node))
+        .route("/routes", get(list_routes))
+        .route("/routes/approve", post(approve_route))
+        .route("/dns", get(list_dns).post(add_dns))
+        .route("/dns/{name}", delete(delete_dns))
         .route("/enroll", post(enroll))
         .route("/node/stream", get(node_stream))
         .route("/relay", get(relay_ws))

@@ -9,6 +9,7 @@
 //!     listen: "0.0.0.0:8080".parse()?,
 //!     public_url: None,
 //!     edge_udp: Some("0.0.0.0:3478".parse()?),
+//!     dns_suffix: trellis_control::DEFAULT_DNS_SUFFIX.into(),
 //! })
 //! .await?;
 //! println!("{}", server.url());
@@ -18,6 +19,7 @@
 
 pub mod api;
 pub mod map;
+pub mod mesh;
 pub mod relay;
 pub mod store;
 pub mod stream;
@@ -48,6 +50,8 @@ pub const DB_FILE: &str = "trellis.db";
 pub const ADMIN_KEY_FILE: &str = "admin.key";
 /// Name of the relay secret file (32 random bytes) inside the data directory.
 pub const RELAY_SECRET_FILE: &str = "relay.secret";
+/// The DNS suffix unless configured: nodes resolve `NODE.ACCOUNT.mesh`.
+pub const DEFAULT_DNS_SUFFIX: &str = "mesh";
 
 /// How to run the control plane.
 #[derive(Debug, Clone)]
@@ -61,6 +65,9 @@ pub struct Config {
     /// Address of the edge's UDP port (STUN and relay); None runs no edge, and
     /// network maps then carry no relay information.
     pub edge_udp: Option<SocketAddr>,
+    /// Suffix of every account's domain: nodes resolve `NODE.ACCOUNT.SUFFIX`
+    /// (default [`DEFAULT_DNS_SUFFIX`]). Lower-case DNS labels separated by dots.
+    pub dns_suffix: String,
 }
 
 /// A started control plane: database open, listener bound, not yet serving.
@@ -80,6 +87,7 @@ impl Server {
     /// that file does not exist, creates the relay secret DATA_DIR/relay.secret
     /// (0600) likewise, binds the TCP listener and, if configured, the edge's UDP port.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
+        mesh::validate_dns_suffix(&config.dns_suffix).map_err(|e| anyhow::anyhow!(e))?;
         let dir = &config.data_dir;
         if !dir.exists() {
             DirBuilder::new()
@@ -135,6 +143,7 @@ impl Server {
                 (Some(edge), Some(bound), Some(udp))
             }
         };
+        let dns_suffix: Arc<str> = Arc::from(config.dns_suffix.as_str());
         Ok(Server {
             config,
             listener,
@@ -144,6 +153,7 @@ impl Server {
             state: AppState {
                 store,
                 hub: Arc::new(Hub::new()),
+                dns_suffix,
                 relay: Arc::new(Relay {
                     hub: relay_hub,
                     udp,

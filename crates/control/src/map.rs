@@ -8,8 +8,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use ipnet::Ipv4Net;
 use tokio::sync::{broadcast, mpsc, watch};
-use trellis_proto::{NetworkMap, NodeKey, Peer, SelfNode, ServerMessage};
+use trellis_proto::{DnsConfig, NetworkMap, NodeKey, Peer, SelfNode, ServerMessage};
 
+use crate::mesh::{pick_primaries, ApprovedRoute};
 use crate::store::{overlay_space, Account, Node};
 
 /// Underlay endpoints of a node, best first, without duplicates: its
@@ -66,48 +67,64 @@ fn host_net(ip: Ipv4Addr) -> Ipv4Net {
     Ipv4Net::from(ip)
 }
 
-/// The peer entry of `node`.
-pub fn peer_of(node: &Node, online: bool) -> Peer {
+/// The peer entry of `node`; `routes` are the subnets it is primary for.
+pub fn peer_of(node: &Node, online: bool, routes: &[Ipv4Net]) -> Peer {
+    let mut allowed_ips = vec![host_net(node.ip)];
+    allowed_ips.extend_from_slice(routes);
     Peer {
         id: node.id,
         name: node.name.clone(),
         public_key: node.public_key,
         ip: node.ip,
-        allowed_ips: vec![host_net(node.ip)],
+        allowed_ips,
         endpoints: endpoints(node),
         online,
     }
 }
 
-/// The map of node `me` in `account`, given all nodes of the account.
-/// None when `me` is not among them (it was removed). The relay part is left
-/// empty: the stream adds a credential for the connection.
-pub fn build_map(
-    account: &Account,
-    nodes: &[Node],
-    me: i64,
-    online: &HashSet<i64>,
-) -> Option<NetworkMap> {
-    let this = nodes
+/// Everything a network map of one account is made of.
+#[derive(Debug, Clone)]
+pub struct AccountView {
+    pub account: Account,
+    pub nodes: Vec<Node>,
+    /// Nodes with an open control stream.
+    pub online: HashSet<i64>,
+    /// Subnets each node is primary for, sorted.
+    pub routes: HashMap<i64, Vec<Ipv4Net>>,
+    /// The account's names.
+    pub dns: Option<DnsConfig>,
+}
+
+/// The map of node `me` in `view`. None when `me` is not among the account's
+/// nodes (it was removed). The relay part is left empty: the stream adds a
+/// credential for the connection.
+pub fn build_map(view: &AccountView, me: i64) -> Option<NetworkMap> {
+    let account = &view.account;
+    let this = view
+        .nodes
         .iter()
         .find(|n| n.id == me && n.account_id == account.id)?;
+    let routes_of = |id: i64| view.routes.get(&id).map(Vec::as_slice).unwrap_or(&[]);
     let self_node = SelfNode {
         id: this.id,
         name: this.name.clone(),
         account: account.name.clone(),
         ip: this.ip,
         cidr: account.cidr,
+        routes: routes_of(me).to_vec(),
     };
-    let mut peers: Vec<Peer> = nodes
+    let mut peers: Vec<Peer> = view
+        .nodes
         .iter()
         .filter(|n| n.id != me && n.account_id == account.id)
-        .map(|n| peer_of(n, online.contains(&n.id)))
+        .map(|n| peer_of(n, view.online.contains(&n.id), routes_of(n.id)))
         .collect();
     peers.sort_by_key(|p| p.id);
     Some(NetworkMap {
         self_node,
         peers,
         relay: None,
+        dns: view.dns.clone(),
     })
 }
 
@@ -116,11 +133,13 @@ pub fn build_map(
 pub struct Sent {
     self_node: SelfNode,
     peers: BTreeMap<NodeKey, Peer>,
+    dns: Option<DnsConfig>,
 }
 
 impl Sent {
     pub fn new(map: &NetworkMap) -> Sent {
         Sent {
+            dns: map.dns.clone(),
             self_node: map.self_node.clone(),
             peers: map
                 .peers
@@ -147,7 +166,8 @@ impl Sent {
             .filter(|k| !keep.contains(k))
             .copied()
             .collect();
-        if self_node.is_none() && upsert.is_empty() && remove.is_empty() {
+        let dns = (self.dns != next.dns).then(|| next.dns.clone()).flatten();
+        if self_node.is_none() && upsert.is_empty() && remove.is_empty() && dns.is_none() {
             return None;
         }
         *self = Sent::new(next);
@@ -156,6 +176,7 @@ impl Sent {
             upsert,
             remove,
             relay: None,
+            dns,
         })
     }
 }
@@ -178,6 +199,9 @@ struct Conn {
 /// Registry of open control streams and the account-change fan-out.
 pub struct Hub {
     conns: Mutex<HashMap<i64, Conn>>,
+    /// The last primary of each subnet, per account: it stays primary while
+    /// no node with the subnet approved is online.
+    primaries: Mutex<HashMap<i64, HashMap<Ipv4Net, i64>>>,
     changes: broadcast::Sender<i64>,
     next_conn: AtomicU64,
     shutdown: watch::Sender<bool>,
@@ -198,6 +222,7 @@ impl Hub {
         let (active, _) = watch::channel(0);
         Hub {
             conns: Mutex::new(HashMap::new()),
+            primaries: Mutex::new(HashMap::new()),
             changes,
             next_conn: AtomicU64::new(1),
             shutdown,
@@ -208,6 +233,22 @@ impl Hub {
     fn lock(&self) -> MutexGuard<'_, HashMap<i64, Conn>> {
         // A panic while holding this lock leaves a plain map behind; keep using it.
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The primary node of each approved subnet of `account_id` now (see
+    /// [`pick_primaries`]); remembers it for when its candidates go offline.
+    pub fn primaries(
+        &self,
+        account_id: i64,
+        approved: &[ApprovedRoute],
+        online: &HashSet<i64>,
+    ) -> BTreeMap<Ipv4Net, i64> {
+        // A panic while holding this lock leaves a plain map behind; keep using it.
+        let mut all = self.primaries.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = all.entry(account_id).or_default();
+        let next = pick_primaries(approved, online, previous);
+        *previous = next.iter().map(|(c, n)| (*c, *n)).collect();
+        next
     }
 
     /// Something in this account changed: every open stream of it recomputes.
@@ -404,17 +445,71 @@ mod tests {
         }
     }
 
+    fn view(acc: &Account, nodes: &[Node], online: &HashSet<i64>) -> AccountView {
+        AccountView {
+            account: acc.clone(),
+            nodes: nodes.to_vec(),
+            online: online.clone(),
+            routes: HashMap::new(),
+            dns: None,
+        }
+    }
+
+    fn build(acc: &Account, nodes: &[Node], me: i64, online: &HashSet<i64>) -> Option<NetworkMap> {
+        build_map(&view(acc, nodes, online), me)
+    }
+
+    #[test]
+    fn primary_routes_go_into_allowed_ips_and_self_node() {
+        let acc = account(1);
+        let nodes = vec![node(1, 1), node(2, 1)];
+        let c: Ipv4Net = "198.19.10.0/24".parse().unwrap();
+        let mut v = view(&acc, &nodes, &HashSet::new());
+        let first = build_map(&v, 1).unwrap();
+        assert_eq!(first.peers[0].allowed_ips.len(), 1);
+        let mut sent = Sent::new(&first);
+        v.routes.insert(2, vec![c]);
+        let m1 = build_map(&v, 1).unwrap();
+        assert_eq!(m1.peers[0].allowed_ips[1], c);
+        assert!(m1.self_node.routes.is_empty());
+        assert_eq!(build_map(&v, 2).unwrap().self_node.routes, [c]);
+        match sent.delta_to(&m1) {
+            Some(ServerMessage::Delta {
+                self_node,
+                upsert,
+                dns,
+                ..
+            }) => {
+                assert!(self_node.is_none() && dns.is_none());
+                assert_eq!(upsert[0].allowed_ips.len(), 2);
+            }
+            other => panic!("expected a delta, got {other:?}"),
+        }
+        v.dns = Some(DnsConfig {
+            domain: "a1.mesh".into(),
+            records: Vec::new(),
+        });
+        match sent.delta_to(&build_map(&v, 1).unwrap()) {
+            Some(ServerMessage::Delta { upsert, dns, .. }) => {
+                assert!(upsert.is_empty());
+                assert_eq!(dns.unwrap().domain, "a1.mesh");
+            }
+            other => panic!("expected a delta, got {other:?}"),
+        }
+        assert_eq!(sent.delta_to(&build_map(&v, 1).unwrap()), None);
+    }
+
     #[test]
     fn maps_hold_only_own_account_and_never_self() {
         let nodes = vec![node(1, 1), node(2, 1), node(3, 2)];
         let online: HashSet<i64> = [2].into();
-        let map = build_map(&account(1), &nodes, 1, &online).unwrap();
+        let map = build(&account(1), &nodes, 1, &online).unwrap();
         assert_eq!(map.self_node.id, 1);
         assert_eq!(map.peers.len(), 1);
         assert_eq!(map.peers[0].id, 2);
         assert!(map.peers[0].online);
         assert_eq!(map.peers[0].allowed_ips[0].to_string(), "100.64.0.3/32");
-        assert!(build_map(&account(1), &nodes, 3, &online).is_none());
+        assert!(build(&account(1), &nodes, 3, &online).is_none());
     }
 
     #[test]
@@ -422,21 +517,23 @@ mod tests {
         let acc = account(1);
         let mut nodes = vec![node(1, 1), node(2, 1)];
         let none = HashSet::new();
-        let first = build_map(&acc, &nodes, 1, &none).unwrap();
+        let first = build(&acc, &nodes, 1, &none).unwrap();
         let mut sent = Sent::new(&first);
         assert_eq!(sent.delta_to(&first), None);
 
         nodes.push(node(3, 1));
         let online: HashSet<i64> = [2].into();
-        let next = build_map(&acc, &nodes, 1, &online).unwrap();
+        let next = build(&acc, &nodes, 1, &online).unwrap();
         match sent.delta_to(&next) {
             Some(ServerMessage::Delta {
                 self_node,
                 upsert,
                 remove,
                 relay,
+                dns,
             }) => {
                 assert!(relay.is_none());
+                assert!(dns.is_none());
                 assert!(self_node.is_none());
                 let ids: Vec<i64> = upsert.iter().map(|p| p.id).collect();
                 assert_eq!(ids, [2, 3]);
@@ -447,7 +544,7 @@ mod tests {
         assert_eq!(sent.delta_to(&next), None);
 
         nodes.remove(1);
-        let next = build_map(&acc, &nodes, 1, &online).unwrap();
+        let next = build(&acc, &nodes, 1, &online).unwrap();
         match sent.delta_to(&next) {
             Some(ServerMessage::Delta { upsert, remove, .. }) => {
                 assert!(upsert.is_empty());

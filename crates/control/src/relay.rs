@@ -15,9 +15,12 @@ use trellis_proto::{NodeKey, RelayInfo};
 
 use crate::api::AppState;
 use crate::store::Node;
-use crate::stream::{
-    close, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, IDLE_TIMEOUT, PING_INTERVAL,
-};
+use crate::stream::{close, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY};
+
+/// How often the relay WebSocket pings its node.
+pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// A relay WebSocket silent for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Path of the TCP relay on the HTTP port.
 pub const RELAY_WS_PATH: &str = "/api/v1/relay";

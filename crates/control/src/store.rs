@@ -19,7 +19,10 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{FromRow, SqlitePool};
+use sqlx::{Sqlite, Transaction};
 use trellis_proto::{sanitize_name, validate_name, NodeKey, OVERLAY_SPACE};
+
+use crate::mesh::{validate_record_addr, validate_record_name, validate_routes, ApprovedRoute};
 
 /// Name of the account created on first start.
 pub const DEFAULT_ACCOUNT: &str = "default";
@@ -166,6 +169,7 @@ struct TokenRow {
     expires_at: i64,
     uses: i64,
     tags: String,
+    routes_auto_approve: bool,
 }
 
 /// What a node tells about itself in its `Hello`, plus where it connected from.
@@ -178,6 +182,9 @@ pub struct HelloInfo {
     pub reflexive: Option<SocketAddr>,
     pub os: String,
     pub version: String,
+    /// Subnets the node advertises now (already checked): replaces what it
+    /// advertised before.
+    pub advertise_routes: Vec<Ipv4Net>,
 }
 
 /// Input of [`Store::enroll`].
@@ -189,6 +196,8 @@ pub struct Enrollment {
     pub hostname: String,
     pub os: String,
     pub version: String,
+    /// Subnets the node advertises (checked with [`crate::mesh::validate_routes`]).
+    pub advertise_routes: Vec<Ipv4Net>,
 }
 
 /// Result of a successful enrollment.
@@ -499,6 +508,7 @@ impl Store {
         &self,
         account_id: i64,
         reusable: bool,
+        routes_auto_approve: bool,
         ttl_secs: u64,
         tags: &[String],
         now: i64,
@@ -522,12 +532,13 @@ impl Store {
         let tags_json =
             serde_json::to_string(tags).map_err(|e| StoreError::Invalid(format!("tags: {e}")))?;
         sqlx::query(
-            "INSERT INTO join_tokens (token_hash, account_id, reusable, expires_at, uses, tags, created_at) \
-             VALUES (?, ?, ?, ?, 0, ?, ?)",
+            "INSERT INTO join_tokens (token_hash, account_id, reusable, routes_auto_approve, expires_at, \
+             uses, tags, created_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
         )
         .bind(hash_secret(&token))
         .bind(account_id)
         .bind(reusable)
+        .bind(routes_auto_approve)
         .bind(expires_at)
         .bind(tags_json)
         .bind(now)
@@ -539,10 +550,12 @@ impl Store {
     /// Enrolls a node: checks the token, allocates a name and an address, stores
     /// the node and counts the token use — all in one transaction.
     pub async fn enroll(&self, req: &Enrollment, now: i64) -> StoreResult<Enrolled> {
+        let routes = validate_routes(&req.advertise_routes).map_err(StoreError::Invalid)?;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
 
         let token: Option<TokenRow> = sqlx::query_as(
-            "SELECT id, account_id, reusable, expires_at, uses, tags FROM join_tokens WHERE token_hash = ?",
+            "SELECT id, account_id, reusable, expires_at, uses, tags, routes_auto_approve FROM join_tokens \
+             WHERE token_hash = ?",
         )
         .bind(hash_secret(req.token.trim()))
         .fetch_optional(&mut *tx)
@@ -615,6 +628,14 @@ impl Store {
                 .map_err(|_| StoreError::Corrupt(format!("a node has ip {ip:?}")))?;
             used.insert(ip);
         }
+        // A single-label extra record would answer for the same name.
+        let records: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM dns_records WHERE account_id = ? AND instr(name, '.') = 0",
+        )
+        .bind(account.id)
+        .fetch_all(&mut *tx)
+        .await?;
+        names.extend(records);
         let name = unique_name(&base, &names);
         let ip = lowest_free_ip(&account.cidr, &used).ok_or_else(|| {
             StoreError::Conflict(format!(
@@ -630,7 +651,8 @@ impl Store {
         let secret = new_secret("trn_");
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO nodes (account_id, name, public_key, ip, secret_hash, hostname, os, version, tags, \
-             local_addrs, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', ?) RETURNING id",
+             local_addrs, routes_auto_approve, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', ?, ?) \
+             RETURNING id",
         )
         .bind(account.id)
         .bind(&name)
@@ -641,9 +663,11 @@ impl Store {
         .bind(&req.os)
         .bind(&req.version)
         .bind(&token.tags)
+        .bind(token.routes_auto_approve)
         .bind(now)
         .fetch_one(&mut *tx)
         .await?;
+        replace_routes(&mut tx, id, &routes, token.routes_auto_approve, now).await?;
 
         let counted = sqlx::query(
             "UPDATE join_tokens SET uses = uses + 1 WHERE id = ? AND (reusable = 1 OR uses = 0)",
@@ -712,6 +736,7 @@ impl Store {
     ) -> StoreResult<bool> {
         let locals = serde_json::to_string(&hello.local_addrs)
             .map_err(|e| StoreError::Invalid(format!("local addresses: {e}")))?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let done = sqlx::query(
             "UPDATE nodes SET listen_port = ?, local_addrs = ?, observed_ip = ?, reflexive = ?, os = ?, \
              version = ?, last_seen = ? WHERE id = ?",
@@ -724,9 +749,18 @@ impl Store {
         .bind(&hello.version)
         .bind(now)
         .bind(node_id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        let auto: bool = sqlx::query_scalar("SELECT routes_auto_approve FROM nodes WHERE id = ?")
+            .bind(node_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        replace_routes(&mut tx, node_id, &hello.advertise_routes, auto, now).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     pub async fn touch_last_seen(&self, node_id: i64, now: i64) -> StoreResult<()> {
@@ -783,6 +817,309 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        Ok(node)
+    }
+}
+
+/// A subnet a node advertises now, and its approval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub node_id: i64,
+    pub node_name: String,
+    pub cidr: Ipv4Net,
+    /// Place in the approval order; None while not approved.
+    pub approved_seq: Option<i64>,
+}
+
+#[derive(FromRow)]
+struct RouteRow {
+    node_id: i64,
+    node_name: String,
+    cidr: String,
+    approved_seq: Option<i64>,
+}
+
+impl TryFrom<RouteRow> for RouteEntry {
+    type Error = StoreError;
+    fn try_from(r: RouteRow) -> StoreResult<RouteEntry> {
+        let cidr = r.cidr.parse().map_err(|_| {
+            StoreError::Corrupt(format!("node {} has route {:?}", r.node_id, r.cidr))
+        })?;
+        Ok(RouteEntry {
+            node_id: r.node_id,
+            node_name: r.node_name,
+            cidr,
+            approved_seq: r.approved_seq,
+        })
+    }
+}
+
+/// Replaces what `node_id` advertises with `routes`. Rows of withdrawn routes
+/// stay (not advertised) so that an approval survives re-advertisement; with
+/// `auto_approve`, advertised routes not yet approved are approved now.
+async fn replace_routes(
+    tx: &mut Transaction<'_, Sqlite>,
+    node_id: i64,
+    routes: &[Ipv4Net],
+    auto_approve: bool,
+    now: i64,
+) -> StoreResult<()> {
+    sqlx::query("UPDATE routes SET advertised = 0 WHERE node_id = ?")
+        .bind(node_id)
+        .execute(&mut **tx)
+        .await?;
+    for r in routes {
+        let cidr = r.trunc().to_string();
+        sqlx::query(
+            "INSERT INTO routes (node_id, cidr, advertised, created_at) VALUES (?, ?, 1, ?) \
+             ON CONFLICT (node_id, cidr) DO UPDATE SET advertised = 1",
+        )
+        .bind(node_id)
+        .bind(&cidr)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        if auto_approve {
+            approve_in(tx, node_id, &cidr, now).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Approves one route row if it is not approved yet; it goes last in the approval order.
+async fn approve_in(
+    tx: &mut Transaction<'_, Sqlite>,
+    node_id: i64,
+    cidr: &str,
+    now: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE routes SET approved_seq = (SELECT COALESCE(MAX(approved_seq), 0) + 1 FROM routes), \
+         approved_at = ? WHERE node_id = ? AND cidr = ? AND approved_seq IS NULL",
+    )
+    .bind(now)
+    .bind(node_id)
+    .bind(cidr)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+const ROUTE_SELECT: &str = "SELECT r.node_id, n.name AS node_name, r.cidr, r.approved_seq \
+     FROM routes r JOIN nodes n ON n.id = r.node_id";
+
+fn no_node(account: &Account, name: &str) -> StoreError {
+    StoreError::NotFound(format!(
+        "no node named {name:?} in account {:?}; see `trellis nodes list`",
+        account.name
+    ))
+}
+
+impl Store {
+    /// The routes the nodes of `account_id` advertise now, approved or not,
+    /// by subnet then node name.
+    pub async fn list_routes(&self, account_id: i64) -> StoreResult<Vec<RouteEntry>> {
+        let rows: Vec<RouteRow> = sqlx::query_as(&format!(
+            "{ROUTE_SELECT} WHERE n.account_id = ? AND r.advertised = 1 ORDER BY r.cidr, n.name"
+        ))
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(RouteEntry::try_from).collect()
+    }
+
+    /// The routes of `account_id` that are advertised and approved.
+    pub async fn approved_routes(&self, account_id: i64) -> StoreResult<Vec<ApprovedRoute>> {
+        Ok(self
+            .list_routes(account_id)
+            .await?
+            .into_iter()
+            .filter_map(|r| {
+                r.approved_seq.map(|seq| ApprovedRoute {
+                    node_id: r.node_id,
+                    cidr: r.cidr,
+                    seq,
+                })
+            })
+            .collect())
+    }
+
+    /// Approves `cidr` as advertised by node `node_name`. Approving an
+    /// approved route changes nothing.
+    pub async fn approve_route(
+        &self,
+        account: &Account,
+        node_name: &str,
+        cidr: &Ipv4Net,
+        now: i64,
+    ) -> StoreResult<RouteEntry> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let node_id: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM nodes WHERE account_id = ? AND name = ?")
+                .bind(account.id)
+                .bind(node_name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let node_id = node_id.ok_or_else(|| no_node(account, node_name))?;
+        let text = cidr.to_string();
+        let advertised: Option<bool> =
+            sqlx::query_scalar("SELECT advertised FROM routes WHERE node_id = ? AND cidr = ?")
+                .bind(node_id)
+                .bind(&text)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if advertised != Some(true) {
+            return Err(StoreError::NotFound(format!(
+                "node {node_name:?} does not advertise {cidr}; see `trellis routes list` (a node advertises subnets with `trellis join --advertise-routes`)"
+            )));
+        }
+        approve_in(&mut tx, node_id, &text, now).await?;
+        let row: RouteRow = sqlx::query_as(&format!(
+            "{ROUTE_SELECT} WHERE r.node_id = ? AND r.cidr = ?"
+        ))
+        .bind(node_id)
+        .bind(&text)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        RouteEntry::try_from(row)
+    }
+
+    /// The extra DNS records of `account_id`, by name.
+    pub async fn dns_records(&self, account_id: i64) -> StoreResult<Vec<(String, IpAddr)>> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, addr FROM dns_records WHERE account_id = ? ORDER BY name")
+                .bind(account_id)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.into_iter()
+            .map(|(name, addr)| {
+                let ip = addr.parse().map_err(|_| {
+                    StoreError::Corrupt(format!("DNS record {name:?} has address {addr:?}"))
+                })?;
+                Ok((name, ip))
+            })
+            .collect()
+    }
+
+    /// Adds an extra record `name` → `addr` to the account.
+    pub async fn add_dns_record(
+        &self,
+        account: &Account,
+        name: &str,
+        addr: IpAddr,
+        now: i64,
+    ) -> StoreResult<()> {
+        validate_record_name(name).map_err(StoreError::Invalid)?;
+        validate_record_addr(&addr).map_err(StoreError::Invalid)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let node: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM nodes WHERE account_id = ? AND name = ?")
+                .bind(account.id)
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if node.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "{name:?} is the name of a node of account {:?}; pick another record name (or rename the node with `trellis nodes rename`)",
+                account.name
+            )));
+        }
+        let existing: Option<String> =
+            sqlx::query_scalar("SELECT addr FROM dns_records WHERE account_id = ? AND name = ?")
+                .bind(account.id)
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(addr) = existing {
+            return Err(StoreError::Conflict(format!(
+                "a record named {name:?} already exists (→ {addr}); remove it first with `trellis dns remove {name}`"
+            )));
+        }
+        sqlx::query(
+            "INSERT INTO dns_records (account_id, name, addr, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(account.id)
+        .bind(name)
+        .bind(addr.to_string())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Removes the extra record `name`.
+    pub async fn delete_dns_record(&self, account: &Account, name: &str) -> StoreResult<()> {
+        let done = sqlx::query("DELETE FROM dns_records WHERE account_id = ? AND name = ?")
+            .bind(account.id)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!(
+                "no DNS record named {name:?} in account {:?}; see `trellis dns list`",
+                account.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Renames node `name` to `new_name`; returns the renamed node. Renaming
+    /// to its own name changes nothing.
+    pub async fn rename_node(
+        &self,
+        account: &Account,
+        name: &str,
+        new_name: &str,
+    ) -> StoreResult<Node> {
+        validate_name("node", new_name).map_err(StoreError::Invalid)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let row: Option<NodeRow> = sqlx::query_as(&format!(
+            "SELECT {NODE_COLUMNS} FROM nodes WHERE account_id = ? AND name = ?"
+        ))
+        .bind(account.id)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let mut node = match row {
+            Some(r) => Node::try_from(r)?,
+            None => return Err(no_node(account, name)),
+        };
+        if name == new_name {
+            return Ok(node);
+        }
+        let taken: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM nodes WHERE account_id = ? AND name = ?")
+                .bind(account.id)
+                .bind(new_name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if taken.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "another node of account {:?} is already named {new_name:?}; pick another name",
+                account.name
+            )));
+        }
+        let record: Option<String> =
+            sqlx::query_scalar("SELECT addr FROM dns_records WHERE account_id = ? AND name = ?")
+                .bind(account.id)
+                .bind(new_name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(addr) = record {
+            return Err(StoreError::Conflict(format!(
+                "{new_name:?} is already a DNS record of account {:?} (→ {addr}); pick another name or remove the record with `trellis dns remove {new_name}`",
+                account.name
+            )));
+        }
+        sqlx::query("UPDATE nodes SET name = ? WHERE id = ?")
+            .bind(new_name)
+            .bind(node.id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        node.name = new_name.to_string();
         Ok(node)
     }
 }

@@ -12,16 +12,18 @@ use tokio::time::{Instant, MissedTickBehavior};
 use trellis_proto::{NetworkMap, NodeMessage, ServerMessage};
 
 use crate::api::{now, AppState};
-use crate::map::{build_map, Control, Sent};
+use crate::map::{build_map, AccountView, Control, Sent};
+use crate::mesh::{dns_config, filter_routes, routes_by_node};
 use crate::relay::RELAY_REFRESH;
 use crate::store::{HelloInfo, Node};
 
 /// How long a new connection may take to say Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the server pings.
-pub const PING_INTERVAL: Duration = Duration::from_secs(10);
-/// A stream silent for this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the server pings (the node's WebSocket answers on its own).
+pub const PING_INTERVAL: Duration = Duration::from_secs(3);
+/// A stream silent for this long is closed, and its node goes offline: a
+/// dead node's subnets fail over to another router within this time.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(9);
 
 pub(crate) const CLOSE_NORMAL: u16 = 1000;
 pub(crate) const CLOSE_GOING_AWAY: u16 = 1001;
@@ -48,8 +50,14 @@ pub(crate) async fn close(ws: &mut WebSocket, code: u16, reason: &str) {
 
 async fn send(ws: &mut WebSocket, msg: &ServerMessage) -> anyhow::Result<()> {
     let text = serde_json::to_string(msg).context("encoding a server message")?;
-    ws.send(Message::Text(text.into()))
+    send_raw(ws, Message::Text(text.into())).await
+}
+
+/// Sends one message; a node that stops reading for IDLE_TIMEOUT is given up on.
+async fn send_raw(ws: &mut WebSocket, msg: Message) -> anyhow::Result<()> {
+    tokio::time::timeout(IDLE_TIMEOUT, ws.send(msg))
         .await
+        .context("the node stopped reading its control stream")?
         .context("sending to the node")
 }
 
@@ -73,15 +81,17 @@ async fn wait_hello(ws: &mut WebSocket) -> anyhow::Result<Option<NodeMessage>> {
 /// At most this many of a node's own addresses are kept.
 const MAX_LOCAL_ADDRS: usize = 32;
 
-fn hello_info(msg: NodeMessage, observed: IpAddr) -> HelloInfo {
+fn hello_info(node: &str, msg: NodeMessage, observed: IpAddr) -> HelloInfo {
     match msg {
         NodeMessage::Hello {
             listen_port,
             mut local_addrs,
             reflexive,
+            advertise_routes,
             os,
             version,
         } => HelloInfo {
+            advertise_routes: filter_routes(node, &advertise_routes),
             reflexive: reflexive.map(|a| SocketAddr::new(a.ip().to_canonical(), a.port())),
             listen_port,
             local_addrs: {
@@ -95,11 +105,14 @@ fn hello_info(msg: NodeMessage, observed: IpAddr) -> HelloInfo {
     }
 }
 
-/// The current map of this node, or None if the node is gone.
-async fn current_map(state: &AppState, node: &Node) -> anyhow::Result<Option<NetworkMap>> {
+/// Everything the maps of `account_id` are made of, now; None if the account is gone.
+pub async fn account_view(
+    state: &AppState,
+    account_id: i64,
+) -> anyhow::Result<Option<AccountView>> {
     let Some(account) = state
         .store
-        .account_by_id(node.account_id)
+        .account_by_id(account_id)
         .await
         .context("loading the node's account")?
     else {
@@ -110,8 +123,33 @@ async fn current_map(state: &AppState, node: &Node) -> anyhow::Result<Option<Net
         .list_nodes(account.id)
         .await
         .context("loading the account's nodes")?;
+    let approved = state
+        .store
+        .approved_routes(account.id)
+        .await
+        .context("loading the account's routes")?;
+    let records = state
+        .store
+        .dns_records(account.id)
+        .await
+        .context("loading the account's DNS records")?;
     let online = state.hub.online_in(account.id);
-    Ok(build_map(&account, &nodes, node.id, &online))
+    let primaries = state.hub.primaries(account.id, &approved, &online);
+    let dns = dns_config(&account, &nodes, &records, &state.dns_suffix);
+    Ok(Some(AccountView {
+        account,
+        nodes,
+        online,
+        routes: routes_by_node(&primaries),
+        dns: Some(dns),
+    }))
+}
+
+/// The current map of this node, or None if the node is gone.
+async fn current_map(state: &AppState, node: &Node) -> anyhow::Result<Option<NetworkMap>> {
+    Ok(account_view(state, node.account_id)
+        .await?
+        .and_then(|view| build_map(&view, node.id)))
 }
 
 const REMOVED_REASON: &str = "this node was removed from the network by an admin";
@@ -139,7 +177,7 @@ async fn serve(
 
     if !state
         .store
-        .update_hello(node.id, &hello_info(hello, observed), now())
+        .update_hello(node.id, &hello_info(&node.name, hello, observed), now())
         .await
         .context("storing the node's hello")?
     {
@@ -207,7 +245,9 @@ async fn connected(
 
     let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
+    // Anything from the node (a pong included) pushes this back.
+    let idle = tokio::time::sleep(IDLE_TIMEOUT);
+    tokio::pin!(idle);
 
     loop {
         tokio::select! {
@@ -217,14 +257,14 @@ async fn connected(
                     Some(Err(e)) => return Err(e).context("reading from the node"),
                     Some(Ok(m)) => m,
                 };
-                last_heard = Instant::now();
+                idle.as_mut().reset(Instant::now() + IDLE_TIMEOUT);
                 match msg {
                     Message::Close(_) => return Ok(()),
                     Message::Text(t) => match serde_json::from_str::<NodeMessage>(&t) {
                         Ok(hello @ NodeMessage::Hello { .. }) => {
                             let stored = state
                                 .store
-                                .update_hello(node.id, &hello_info(hello, observed), now())
+                                .update_hello(node.id, &hello_info(&node.name, hello, observed), now())
                                 .await
                                 .context("storing the node's hello")?;
                             if stored {
@@ -287,15 +327,18 @@ async fn connected(
                         upsert: Vec::new(),
                         remove: Vec::new(),
                         relay: Some(relay),
+                        dns: None,
                     }).await?;
                 }
             }
             _ = ping.tick() => {
-                if last_heard.elapsed() >= IDLE_TIMEOUT {
-                    close(ws, CLOSE_GOING_AWAY, "no traffic for 30 s").await;
-                    return Ok(());
-                }
-                ws.send(Message::Ping(Bytes::new())).await.context("pinging the node")?;
+                send_raw(ws, Message::Ping(Bytes::new())).await.context("pinging the node")?;
+            }
+            () = &mut idle => {
+                tracing::info!(node = %node.name, "no answer to pings for {} s; closing its control stream", IDLE_TIMEOUT.as_secs());
+                // The node is not answering: do not wait on it for the close frame.
+                let _ = tokio::time::timeout(Duration::from_secs(1), close(ws, CLOSE_GOING_AWAY, "no answer to pings for 9 s")).await;
+                return Ok(());
             }
             _ = shutdown.changed() => {
                 close(ws, CLOSE_GOING_AWAY, "server shutting down").await;

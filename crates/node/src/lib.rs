@@ -1,7 +1,9 @@
 //! The node agent: enrollment, the control-stream client that keeps the
 //! network map current, the data plane, and the local status socket.
 
+pub mod dns;
 pub mod state;
+pub mod sysconf;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use futures_util::{SinkExt, StreamExt};
+use ipnet::Ipv4Net;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -25,7 +28,7 @@ use trellis_proto::{
 use trellis_tunnel::{PeerConfig, PublicKey, RelayStatus, StaticSecret, Tunnel};
 
 use state::{NodeState, StateDir};
-use trellis_proto::RelayInfo;
+use trellis_proto::{DnsConfig, RelayInfo};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -46,6 +49,12 @@ pub struct JoinOptions {
     pub state_dir: PathBuf,
     pub ifname: String,
     pub listen_port: u16,
+    /// Subnets to offer as a mesh node; `None` keeps what was advertised before.
+    pub advertise_routes: Option<Vec<Ipv4Net>>,
+    /// Masquerade traffic into advertised subnets; `None` keeps the earlier choice.
+    pub snat: Option<bool>,
+    /// Point the system resolver at the agent for the account's names.
+    pub accept_dns: bool,
 }
 
 /// Enrolls if needed, brings the node up and runs it until `shutdown`
@@ -69,7 +78,16 @@ pub async fn run(opts: JoinOptions, shutdown: impl Future<Output = ()>) -> anyho
         let token = opts.token.clone().context(
             "this node is not enrolled yet: pass --token (create one with `trellis token create`)",
         )?;
-        let (state, key) = enroll(&server, &token, opts.name.as_deref(), opts.listen_port).await?;
+        let routes = opts.advertise_routes.clone().unwrap_or_default();
+        let (mut state, key) = enroll(
+            &server,
+            &token,
+            opts.name.as_deref(),
+            opts.listen_port,
+            &routes,
+        )
+        .await?;
+        state.snat = opts.snat.unwrap_or(true);
         dir.save_new(&state, &key)?;
         eprintln!(
             "enrolled as {} in account {} with IP {}",
@@ -77,6 +95,18 @@ pub async fn run(opts: JoinOptions, shutdown: impl Future<Output = ()>) -> anyho
         );
         (state, key)
     };
+    let mut changed = false;
+    if let Some(r) = &opts.advertise_routes {
+        changed |= *r != state.advertise_routes;
+        state.advertise_routes = r.clone();
+    }
+    if let Some(snat) = opts.snat {
+        changed |= snat != state.snat;
+        state.snat = snat;
+    }
+    if changed {
+        dir.save(&state)?;
+    }
     if let Some(server) = &opts.server {
         if server.trim_end_matches('/') != state.server {
             eprintln!(
@@ -117,13 +147,23 @@ pub async fn run(opts: JoinOptions, shutdown: impl Future<Output = ()>) -> anyho
         }),
         dir,
         ifname: opts.ifname.clone(),
+        routing: Mutex::new(sysconf::Routing::new(&opts.ifname)),
+        snat: state.snat,
+        advertise_routes: state.advertise_routes.clone(),
+        accept_dns: opts.accept_dns,
+        dns: Arc::new(std::sync::RwLock::new(None)),
+        resolver: tokio::sync::Mutex::new(None),
     });
     if let Some(map) = agent.dir.load_map() {
         tracing::info!(
             peers = map.peers.len(),
             "using the last network map until the control plane answers"
         );
+        let relay = map.relay.clone();
+        let dns = map.dns.clone();
         agent.apply_full(map, false);
+        agent.apply_relay(relay).await;
+        agent.apply_dns(dns).await;
     }
     eprintln!(
         "trellis node {} is up: {} on {} (WireGuard UDP port {})",
@@ -142,6 +182,7 @@ pub async fn run(opts: JoinOptions, shutdown: impl Future<Output = ()>) -> anyho
     status_task.abort();
     relay_task.abort();
     agent.dp.set_relay_tcp(None);
+    agent.shutdown().await;
     let _ = std::fs::remove_file(agent.dir.socket_path());
     result
 }
@@ -151,6 +192,7 @@ async fn enroll(
     token: &str,
     name: Option<&str>,
     listen_port: u16,
+    advertise_routes: &[Ipv4Net],
 ) -> anyhow::Result<(NodeState, StaticSecret)> {
     let server = server.trim_end_matches('/').to_string();
     if let Some(n) = name {
@@ -167,6 +209,7 @@ async fn enroll(
         hostname: hostname(),
         os: std::env::consts::OS.to_string(),
         version: VERSION.to_string(),
+        advertise_routes: advertise_routes.to_vec(),
     };
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
@@ -199,6 +242,8 @@ async fn enroll(
             cidr: r.cidr,
             node_secret: r.node_secret,
             listen_port,
+            advertise_routes: advertise_routes.to_vec(),
+            snat: true,
         },
         key,
     ))
@@ -216,6 +261,14 @@ struct Agent {
     inner: Mutex<AgentInner>,
     dir: StateDir,
     ifname: String,
+    routing: Mutex<sysconf::Routing>,
+    snat: bool,
+    advertise_routes: Vec<Ipv4Net>,
+    accept_dns: bool,
+    /// The account's names, shared with the resolver task.
+    dns: Arc<std::sync::RwLock<Option<DnsConfig>>>,
+    /// The resolver task and what it changed on the system, once names arrived.
+    resolver: tokio::sync::Mutex<Option<(tokio::task::JoinHandle<()>, sysconf::ResolverGuard)>>,
 }
 
 struct AgentInner {
@@ -251,7 +304,80 @@ impl Agent {
                 tracing::warn!(error = %e, "cannot cache the network map");
             }
         }
+        self.sync_system(&map);
         self.lock().map = Some(map);
+    }
+
+    /// Kernel routes for subnets behind other mesh nodes, and forwarding into
+    /// our own approved subnets.
+    fn sync_system(&self, map: &NetworkMap) {
+        let overlay = map.self_node.cidr;
+        // Subnets we advertise ourselves are on our own LAN: never route them
+        // into the tunnel (a standby mesh node keeps its connected route).
+        let wanted: std::collections::BTreeSet<Ipv4Net> = map
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            .filter(|n| !overlay.contains(n))
+            .filter(|n| {
+                !self
+                    .advertise_routes
+                    .iter()
+                    .any(|own| own.contains(n) || n.contains(own))
+            })
+            .collect();
+        let mut r = self.routing.lock().unwrap_or_else(|e| e.into_inner());
+        r.set_peer_routes(wanted);
+        r.set_served(map.self_node.routes.clone(), overlay, self.snat);
+    }
+
+    /// Keeps the resolver's names current; on the first names, starts the
+    /// resolver on our overlay address and points the system at it.
+    async fn apply_dns(&self, cfg: Option<DnsConfig>) {
+        let Some(cfg) = cfg else {
+            return;
+        };
+        let domain = cfg.domain.clone();
+        *self.dns.write().unwrap_or_else(|e| e.into_inner()) = Some(cfg);
+        if !self.accept_dns {
+            return;
+        }
+        let mut resolver = self.resolver.lock().await;
+        if resolver.is_some() {
+            return;
+        }
+        let ip = self.lock().map.as_ref().map(|m| m.self_node.ip);
+        let Some(ip) = ip else {
+            return;
+        };
+        let socket = match tokio::net::UdpSocket::bind((ip, 53)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot serve DNS on {ip}:53; names will not resolve");
+                return;
+            }
+        };
+        match sysconf::ResolverGuard::install(self.dir.path(), &self.ifname, ip, &domain) {
+            Ok((guard, upstreams)) => {
+                let task = tokio::spawn(dns::serve(socket, self.dns.clone(), upstreams));
+                *resolver = Some((task, guard));
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot point the system resolver at the agent")
+            }
+        }
+    }
+
+    /// Puts the machine back as it was: resolver, routes, forwarding.
+    async fn shutdown(&self) {
+        if let Some((task, guard)) = self.resolver.lock().await.take() {
+            task.abort();
+            drop(guard); // restores the resolver configuration
+        }
+        self.routing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cleanup();
     }
 
     /// Points the tunnel at the edge's relay (resolving its host name).
@@ -277,6 +403,7 @@ impl Agent {
         self_node: Option<trellis_proto::SelfNode>,
         upsert: Vec<Peer>,
         remove: Vec<NodeKey>,
+        dns: Option<DnsConfig>,
     ) {
         let now = Instant::now();
         {
@@ -303,8 +430,12 @@ impl Agent {
                     None => map.peers.push(p),
                 }
             }
+            if let Some(d) = dns {
+                map.dns = Some(d);
+            }
             map.clone()
         };
+        self.sync_system(&snapshot);
         if let Err(e) = self.dir.save_map(&snapshot) {
             tracing::warn!(error = %e, "cannot cache the network map");
         }
@@ -474,6 +605,7 @@ fn hello(
         reflexive,
         os: std::env::consts::OS.to_string(),
         version: VERSION.to_string(),
+        advertise_routes: agent.advertise_routes.clone(),
     };
     Ok(Message::Text(serde_json::to_string(&m)?.into()))
 }
@@ -533,13 +665,16 @@ async fn stream_once(agent: &Arc<Agent>, state: &NodeState) -> anyhow::Result<Fa
                             ServerMessage::Map(map) => {
                                 tracing::info!(peers = map.peers.len(), "network map received");
                                 let relay = map.relay.clone();
+                                let dns = map.dns.clone();
                                 agent.apply_full(map, true);
                                 agent.apply_relay(relay).await;
+                                agent.apply_dns(dns).await;
                             }
-                            ServerMessage::Delta { self_node, upsert, remove, relay } => {
+                            ServerMessage::Delta { self_node, upsert, remove, relay, dns } => {
                                 tracing::info!(upsert = upsert.len(), remove = remove.len(), "network map update");
-                                agent.apply_delta(self_node, upsert, remove);
+                                agent.apply_delta(self_node, upsert, remove, dns.clone());
                                 agent.apply_relay(relay).await;
+                                agent.apply_dns(dns).await;
                             }
                             ServerMessage::Removed { reason } => return Ok(Fatal::Removed(reason)),
                         }

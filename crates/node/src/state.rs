@@ -28,6 +28,17 @@ pub struct NodeState {
     pub node_secret: String,
     /// WireGuard UDP port, kept across restarts.
     pub listen_port: u16,
+    /// Subnets this node advertises as a mesh node.
+    #[serde(default)]
+    pub advertise_routes: Vec<Ipv4Net>,
+    /// Masquerade traffic into advertised subnets (off: site-to-site, the LAN
+    /// sees overlay source addresses).
+    #[serde(default = "yes")]
+    pub snat: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 pub struct StateDir {
@@ -150,6 +161,8 @@ mod tests {
             cidr: "100.64.0.0/16".parse().unwrap(),
             node_secret: "tn_x".into(),
             listen_port: 51820,
+            advertise_routes: vec![],
+            snat: true,
         };
         let key = StaticSecret::from([9u8; 32]);
         sd.save_new(&st, &key).unwrap();

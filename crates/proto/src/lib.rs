@@ -154,6 +154,9 @@ pub struct CreateTokenRequest {
     /// A reusable token enrolls any number of nodes until it expires.
     #[serde(default)]
     pub reusable: bool,
+    /// Routes advertised by nodes enrolled with this token are approved at once.
+    #[serde(default)]
+    pub routes_auto_approve: bool,
     /// Lifetime in seconds; default 3600.
     #[serde(default)]
     pub ttl_secs: Option<u64>,
@@ -193,6 +196,42 @@ pub struct NodeInfo {
     pub endpoints: Vec<SocketAddr>,
 }
 
+/// A subnet a node advertises, and whether it is routed.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RouteInfo {
+    pub node: String,
+    #[schema(value_type = String, example = "198.19.10.0/24")]
+    pub cidr: Ipv4Net,
+    pub approved: bool,
+    /// This node is the one carrying the subnet now (several may advertise it;
+    /// the first approved one that is online is primary).
+    pub primary: bool,
+    pub online: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApproveRouteRequest {
+    pub node: String,
+    #[schema(value_type = String, example = "198.19.10.0/24")]
+    pub cidr: Ipv4Net,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DnsRecordInfo {
+    /// Relative to the account's domain: `db.prod` answers as `db.prod.ACCOUNT.SUFFIX`.
+    pub name: String,
+    #[schema(value_type = String, example = "198.19.10.5")]
+    pub addr: IpAddr,
+    /// The fully qualified name nodes resolve.
+    #[serde(default)]
+    pub fqdn: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RenameNodeRequest {
+    pub name: String,
+}
+
 // ---------------------------------------------------------------------------
 // Enrollment
 // ---------------------------------------------------------------------------
@@ -211,6 +250,10 @@ pub struct EnrollRequest {
     pub os: String,
     #[serde(default)]
     pub version: String,
+    /// Subnets this node offers to route into the mesh (a mesh node).
+    #[schema(value_type = Vec<String>, example = json!(["198.19.10.0/24"]))]
+    #[serde(default)]
+    pub advertise_routes: Vec<Ipv4Net>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -246,6 +289,10 @@ pub enum NodeMessage {
         /// through endpoint-independent NATs.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reflexive: Option<SocketAddr>,
+        /// Subnets this node offers to route (`--advertise-routes`); an admin
+        /// approves them before anything is routed.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        advertise_routes: Vec<Ipv4Net>,
         os: String,
         version: String,
     },
@@ -268,6 +315,9 @@ pub enum ServerMessage {
         /// A fresh relay credential (sent before the old one expires).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         relay: Option<RelayInfo>,
+        /// The account's names, whole, when any of them changed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dns: Option<DnsConfig>,
     },
     /// The node was removed by an admin: it must stop and not reconnect.
     Removed { reason: String },
@@ -280,6 +330,10 @@ pub struct SelfNode {
     pub account: String,
     pub ip: Ipv4Addr,
     pub cidr: Ipv4Net,
+    /// Approved subnets this node is the primary router for: it forwards
+    /// traffic from the mesh into them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Ipv4Net>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -289,6 +343,26 @@ pub struct NetworkMap {
     /// How to reach the edge's relay; absent when the server runs no edge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<RelayInfo>,
+    /// The names nodes of this account resolve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsConfig>,
+}
+
+/// Names inside an account: `NODE.ACCOUNT.SUFFIX` for every node, and the
+/// admin's extra records (`trellis dns add NAME ADDR` → `NAME.ACCOUNT.SUFFIX`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsConfig {
+    /// The domain the node's resolver answers for, e.g. `default.mesh`
+    /// (account name + the server's suffix). Everything else is forwarded.
+    pub domain: String,
+    /// Fully qualified names (lower case, no trailing dot) and their addresses.
+    pub records: Vec<DnsRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsRecord {
+    pub name: String,
+    pub addr: IpAddr,
 }
 
 /// Where the edge is and the credential a node presents to it.

@@ -6,11 +6,11 @@ use anyhow::{anyhow, bail, Context};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use trellis_proto::{
-    AccountInfo, ApiError, CreateAccountRequest, CreateAccountResponse, CreateTokenRequest,
-    CreateTokenResponse, NodeInfo,
+    AccountInfo, ApiError, ApproveRouteRequest, CreateAccountRequest, CreateAccountResponse,
+    CreateTokenRequest, CreateTokenResponse, DnsRecordInfo, NodeInfo, RenameNodeRequest, RouteInfo,
 };
 
-use crate::{AccountCmd, AdminOpts, NodesCmd, TokenCmd};
+use crate::{AccountCmd, AdminOpts, DnsCmd, NodesCmd, RoutesCmd, TokenCmd};
 
 const DEFAULT_KEY_FILE: &str = "trellis-data/admin.key";
 
@@ -89,6 +89,19 @@ impl Client {
             .context("the server's answer was not understood")
     }
 
+    async fn patch<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let r = self
+            .send(self.http.patch(self.url(path)).json(body))
+            .await?;
+        r.json()
+            .await
+            .context("the server's answer was not understood")
+    }
+
     async fn delete(&self, path: &str) -> anyhow::Result<()> {
         self.send(self.http.delete(self.url(path))).await?;
         Ok(())
@@ -159,6 +172,7 @@ pub async fn token(opts: &AdminOpts, cmd: TokenCmd) -> anyhow::Result<()> {
             reusable,
             ttl,
             tags,
+            routes_auto_approve,
         } => {
             let ttl_secs = parse_duration(&ttl)?;
             let r: CreateTokenResponse = c
@@ -166,6 +180,7 @@ pub async fn token(opts: &AdminOpts, cmd: TokenCmd) -> anyhow::Result<()> {
                     "/tokens",
                     &CreateTokenRequest {
                         reusable,
+                        routes_auto_approve,
                         ttl_secs: Some(ttl_secs),
                         tags,
                     },
@@ -220,13 +235,263 @@ pub async fn nodes(opts: &AdminOpts, cmd: NodesCmd) -> anyhow::Result<()> {
             c.delete(&format!("/nodes/{name}")).await?;
             eprintln!("node {name} removed; its key is revoked");
         }
+        NodesCmd::Rename { name, new_name } => {
+            trellis_proto::validate_name("node", &name).map_err(|e| anyhow!(e))?;
+            trellis_proto::validate_name("node", &new_name).map_err(|e| anyhow!(e))?;
+            let n: NodeInfo = c
+                .patch(
+                    &format!("/nodes/{name}"),
+                    &RenameNodeRequest { name: new_name },
+                )
+                .await?;
+            eprintln!("node {name} is now {} ({})", n.name, n.ip);
+        }
+    }
+    Ok(())
+}
+
+pub async fn routes(opts: &AdminOpts, cmd: RoutesCmd) -> anyhow::Result<()> {
+    let c = Client::new(opts)?;
+    match cmd {
+        RoutesCmd::List { json } => {
+            let v: Vec<RouteInfo> = c.get("/routes").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            if v.is_empty() {
+                eprintln!("no node advertises a subnet (trellis join --advertise-routes CIDR,...)");
+                return Ok(());
+            }
+            println!(
+                "{:<20} {:<24} {:<9} {:<8} {:<7}",
+                "SUBNET", "NODE", "APPROVED", "PRIMARY", "ONLINE"
+            );
+            let yes = |b: bool| if b { "yes" } else { "no" };
+            for r in v {
+                println!(
+                    "{:<20} {:<24} {:<9} {:<8} {:<7}",
+                    r.cidr.to_string(),
+                    r.node,
+                    yes(r.approved),
+                    yes(r.primary),
+                    yes(r.online)
+                );
+            }
+        }
+        RoutesCmd::Approve { node, cidr } => {
+            let cidr = cidr.parse().map_err(|_| {
+                anyhow!("invalid subnet {cidr:?}: expected an IPv4 CIDR such as 198.19.10.0/24")
+            })?;
+            let r: RouteInfo = c
+                .post("/routes/approve", &ApproveRouteRequest { node, cidr })
+                .await?;
+            let state = if r.primary {
+                "it routes the subnet now"
+            } else {
+                "another node is primary for it; this one takes over if that one goes offline"
+            };
+            eprintln!("{} approved on node {}: {state}", r.cidr, r.node);
+        }
+    }
+    Ok(())
+}
+
+pub async fn dns(opts: &AdminOpts, cmd: DnsCmd) -> anyhow::Result<()> {
+    let c = Client::new(opts)?;
+    match cmd {
+        DnsCmd::Add { name, addr } => {
+            let addr = addr.parse().map_err(|_| {
+                anyhow!("invalid address {addr:?}: expected an IP address such as 198.19.10.5")
+            })?;
+            let r: DnsRecordInfo = c
+                .post(
+                    "/dns",
+                    &DnsRecordInfo {
+                        name,
+                        addr,
+                        fqdn: String::new(),
+                    },
+                )
+                .await?;
+            eprintln!("{} → {} on every node of the account", r.fqdn, r.addr);
+        }
+        DnsCmd::List { json } => {
+            let v: Vec<DnsRecordInfo> = c.get("/dns").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!("{:<48} {:<40}", "NAME", "ADDRESS");
+            for r in v {
+                println!("{:<48} {:<40}", r.fqdn, r.addr.to_string());
+            }
+        }
+        DnsCmd::Remove { name } => {
+            if name.is_empty() || name.contains('/') {
+                bail!("invalid record name {name:?}");
+            }
+            c.delete(&format!("/dns/{name}")).await?;
+            eprintln!("record {name} removed");
+        }
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use super::*;
+    use trellis_proto::{EnrollRequest, EnrollResponse, NodeKey};
+
+    /// Runs the admin commands against a real control plane and checks, through
+    /// the API, that each did what it says.
+    #[tokio::test]
+    async fn admin_commands_map_to_the_api() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = trellis_control::Server::start(trellis_control::Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            public_url: None,
+            edge_udp: None,
+            dns_suffix: "corp".into(),
+        })
+        .await
+        .unwrap();
+        let url = server.url();
+        let key = std::fs::read_to_string(server.admin_key_path()).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async move {
+            let _ = stopped.await;
+        }));
+        let opts = AdminOpts {
+            server: url.clone(),
+            api_key: Some(key),
+            account: None,
+        };
+        let c = Client::new(&opts).unwrap();
+
+        token(
+            &opts,
+            TokenCmd::Create {
+                reusable: true,
+                ttl: "1h".into(),
+                tags: vec![],
+                routes_auto_approve: true,
+            },
+        )
+        .await
+        .unwrap();
+        let t: CreateTokenResponse = c
+            .post(
+                "/tokens",
+                &CreateTokenRequest {
+                    reusable: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let enrolled: EnrollResponse = reqwest::Client::new()
+            .post(format!("{url}/api/v1/enroll"))
+            .json(&EnrollRequest {
+                token: t.token,
+                public_key: NodeKey([9; 32]),
+                name: Some("gw".into()),
+                hostname: String::new(),
+                os: String::new(),
+                version: String::new(),
+                advertise_routes: vec!["198.19.10.0/24".parse().unwrap()],
+            })
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(enrolled.name, "gw");
+
+        routes(&opts, RoutesCmd::List { json: false })
+            .await
+            .unwrap();
+        routes(
+            &opts,
+            RoutesCmd::Approve {
+                node: "gw".into(),
+                cidr: "198.19.10.0/24".into(),
+            },
+        )
+        .await
+        .unwrap();
+        let v: Vec<RouteInfo> = c.get("/routes").await.unwrap();
+        assert!(v[0].approved && v[0].primary);
+        let e = routes(
+            &opts,
+            RoutesCmd::Approve {
+                node: "gw".into(),
+                cidr: "198.19.10.0/33".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("invalid subnet"), "{e}");
+        let e = routes(
+            &opts,
+            RoutesCmd::Approve {
+                node: "gw".into(),
+                cidr: "198.19.11.0/24".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("does not advertise"), "{e}");
+
+        dns(
+            &opts,
+            DnsCmd::Add {
+                name: "db".into(),
+                addr: "198.19.10.5".into(),
+            },
+        )
+        .await
+        .unwrap();
+        dns(&opts, DnsCmd::List { json: true }).await.unwrap();
+        let v: Vec<DnsRecordInfo> = c.get("/dns").await.unwrap();
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].fqdn, "db.default.corp");
+
+        nodes(
+            &opts,
+            NodesCmd::Rename {
+                name: "gw".into(),
+                new_name: "router".into(),
+            },
+        )
+        .await
+        .unwrap();
+        let v: Vec<NodeInfo> = c.get("/nodes").await.unwrap();
+        assert_eq!(v[0].name, "router");
+        let e = nodes(
+            &opts,
+            NodesCmd::Rename {
+                name: "router".into(),
+                new_name: "db".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("409"), "{e}");
+
+        dns(&opts, DnsCmd::Remove { name: "db".into() })
+            .await
+            .unwrap();
+        let e = dns(&opts, DnsCmd::Remove { name: "db".into() })
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("no DNS record named"), "{e}");
+
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+    }
 
     #[test]
     fn durations() {

@@ -55,6 +55,9 @@ enum Cmd {
         /// The URL nodes and browsers use to reach this server, if not the listen address.
         #[arg(long)]
         public_url: Option<String>,
+        /// Suffix of the names nodes resolve: NODE.ACCOUNT.SUFFIX.
+        #[arg(long, default_value = trellis_control::DEFAULT_DNS_SUFFIX)]
+        dns_suffix: String,
     },
     /// Enroll this machine (first run, with --token) and run the node agent in the foreground.
     Join {
@@ -75,6 +78,21 @@ enum Cmd {
         /// WireGuard UDP port (0: keep the one used before, or pick a free one).
         #[arg(long, default_value_t = 0)]
         listen_port: u16,
+        /// Subnets this node routes into the mesh (a mesh node), e.g.
+        /// 198.19.10.0/24,10.1.0.0/16; an admin approves them (`trellis routes
+        /// approve`). Given empty ("") it stops advertising; absent keeps what
+        /// was advertised before.
+        #[arg(long, value_delimiter = ',', num_args = 0..)]
+        advertise_routes: Option<Vec<String>>,
+        /// Masquerade mesh traffic forwarded into advertised subnets (default
+        /// true; false needs return routes to the mesh on that LAN). Absent
+        /// keeps the earlier choice.
+        #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+        snat: Option<bool>,
+        /// Point the system resolver at the agent for NODE.ACCOUNT.SUFFIX names
+        /// (default true; `--accept-dns=false` leaves the resolver alone).
+        #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+        accept_dns: bool,
     },
     /// Show this node and its peers, as the running agent sees them.
     Status {
@@ -113,6 +131,20 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminOpts,
     },
+    /// Subnets that mesh nodes advertise, and their approval.
+    Routes {
+        #[command(subcommand)]
+        cmd: RoutesCmd,
+        #[command(flatten)]
+        admin: AdminOpts,
+    },
+    /// Extra names of an account (NAME.ACCOUNT.SUFFIX); node names are always there.
+    Dns {
+        #[command(subcommand)]
+        cmd: DnsCmd,
+        #[command(flatten)]
+        admin: AdminOpts,
+    },
 }
 
 #[derive(Subcommand)]
@@ -144,6 +176,9 @@ pub enum TokenCmd {
         /// Tags for nodes that enroll with it (repeatable).
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// Approve the subnets its nodes advertise (now and later) without an admin.
+        #[arg(long)]
+        routes_auto_approve: bool,
     },
 }
 
@@ -156,6 +191,32 @@ pub enum NodesCmd {
     },
     /// Remove a node: its key is revoked and every peer drops it within seconds.
     Delete { name: String },
+    /// Rename a node; its peers and everyone's DNS names follow at once.
+    Rename { name: String, new_name: String },
+}
+
+#[derive(Subcommand)]
+pub enum RoutesCmd {
+    /// List advertised subnets: approved or not, and which node is primary.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a subnet a node advertises, e.g. `trellis routes approve gw 198.19.10.0/24`.
+    Approve { node: String, cidr: String },
+}
+
+#[derive(Subcommand)]
+pub enum DnsCmd {
+    /// Add NAME.ACCOUNT.SUFFIX → ADDR, e.g. `trellis dns add db.prod 198.19.10.5`.
+    Add { name: String, addr: String },
+    /// List the extra records.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an extra record.
+    Remove { name: String },
 }
 
 fn init_logging() {
@@ -181,12 +242,14 @@ async fn run_server(
     listen: SocketAddr,
     edge_udp: SocketAddr,
     public_url: Option<String>,
+    dns_suffix: String,
 ) -> anyhow::Result<()> {
     let server = trellis_control::Server::start(trellis_control::Config {
         data_dir: data_dir.clone(),
         listen,
         public_url,
         edge_udp: Some(edge_udp),
+        dns_suffix,
     })
     .await?;
     let edge_addr = server
@@ -220,7 +283,8 @@ async fn main() -> ExitCode {
             listen,
             edge_udp,
             public_url,
-        } => run_server(data_dir, listen, edge_udp, public_url).await,
+            dns_suffix,
+        } => run_server(data_dir, listen, edge_udp, public_url, dns_suffix).await,
         Cmd::Join {
             server,
             token,
@@ -228,20 +292,29 @@ async fn main() -> ExitCode {
             state_dir,
             interface,
             listen_port,
-        } => {
-            trellis_node::run(
-                trellis_node::JoinOptions {
-                    server,
-                    token,
-                    name,
-                    state_dir,
-                    ifname: interface,
-                    listen_port,
-                },
-                shutdown_signal(),
-            )
-            .await
-        }
+            advertise_routes,
+            snat,
+            accept_dns,
+        } => match advertise_routes.map(|r| parse_routes(&r)).transpose() {
+            Err(e) => Err(e),
+            Ok(advertise_routes) => {
+                trellis_node::run(
+                    trellis_node::JoinOptions {
+                        server,
+                        token,
+                        name,
+                        state_dir,
+                        ifname: interface,
+                        listen_port,
+                        advertise_routes,
+                        snat,
+                        accept_dns,
+                    },
+                    shutdown_signal(),
+                )
+                .await
+            }
+        },
         Cmd::Status { json, state_dir } => status(json, &state_dir).await,
         Cmd::Ping {
             peer,
@@ -251,6 +324,8 @@ async fn main() -> ExitCode {
         Cmd::Account { cmd, admin } => admin::account(&admin, cmd).await,
         Cmd::Token { cmd, admin } => admin::token(&admin, cmd).await,
         Cmd::Nodes { cmd, admin } => admin::nodes(&admin, cmd).await,
+        Cmd::Routes { cmd, admin } => admin::routes(&admin, cmd).await,
+        Cmd::Dns { cmd, admin } => admin::dns(&admin, cmd).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -259,6 +334,21 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Parses `--advertise-routes` values (empty entries are skipped).
+fn parse_routes(raw: &[String]) -> anyhow::Result<Vec<ipnet::Ipv4Net>> {
+    raw.iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "invalid --advertise-routes entry {s:?}: expected IPv4 subnets such as 198.19.10.0/24, separated by commas"
+                )
+            })
+        })
+        .collect()
 }
 
 async fn ping(peer: &str, count: u32, state_dir: &std::path::Path) -> anyhow::Result<()> {
@@ -343,4 +433,46 @@ async fn status(json: bool, state_dir: &std::path::Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_commands_parse() {
+        for args in [
+            &["trellis", "routes", "list", "--json"][..],
+            &["trellis", "routes", "approve", "gw", "198.19.10.0/24"],
+            &["trellis", "dns", "add", "db.prod", "198.19.10.5"],
+            &["trellis", "dns", "list"],
+            &["trellis", "dns", "remove", "db.prod"],
+            &["trellis", "nodes", "rename", "a", "b"],
+            &["trellis", "token", "create", "--routes-auto-approve"],
+            &["trellis", "server", "--dns-suffix", "corp.example"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
+        }
+        match Cli::try_parse_from([
+            "trellis",
+            "join",
+            "--advertise-routes",
+            "198.19.10.0/24,10.1.0.0/16",
+        ]) {
+            Ok(Cli {
+                cmd:
+                    Cmd::Join {
+                        advertise_routes: Some(r),
+                        ..
+                    },
+            }) => {
+                let parsed = parse_routes(&r).unwrap();
+                assert_eq!(parsed.len(), 2);
+                assert_eq!(parsed[1].to_string(), "10.1.0.0/16");
+            }
+            _ => panic!("join --advertise-routes did not parse"),
+        }
+        assert!(parse_routes(&["nope".into()]).is_err());
+        assert!(parse_routes(&[String::new()]).unwrap().is_empty());
+    }
 }
