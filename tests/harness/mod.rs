@@ -372,52 +372,10 @@ impl Lab {
         host
     }
 
-    /// Another L2 switch (a namespace `<prefix>-<short>` with a bridge
-    /// `br0`), e.g. a LAN behind a mesh node.
-    pub fn new_switch(&self, short: &str) -> Switch {
-        let ns = self.add_netns(short);
-        for args in [
-            vec!["ip", "-n", &ns, "link", "add", "br0", "type", "bridge"],
-            vec!["ip", "-n", &ns, "link", "set", "br0", "up"],
-        ] {
-            sh(&args).unwrap_or_else(|e| self.fail(&e));
-        }
-        Switch { ns }
-    }
-
     /// Plugs `host` into `sw` with a new interface `ifname` carrying `cidr`
     /// (from 198.18.0.0/15): a second leg for a multi-homed host.
     pub fn attach(&self, host: &Host, sw: &Switch, ifname: &str, cidr: &str) {
-        let addr: Ipv4Addr = cidr
-            .split('/')
-            .next()
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("bad address {cidr}"));
-        assert!(
-            in_net(addr, Ipv4Addr::new(198, 18, 0, 0), 15),
-            "underlay address {addr} is outside 198.18.0.0/15"
-        );
-        let ns = &host.ns;
-        let port = {
-            let mut st = self.st();
-            st.veths += 1;
-            format!("vp{}", st.veths)
-        };
-        // Both ends are created directly inside their namespaces: no name
-        // ever exists in the root namespace.
-        let cmds: Vec<Vec<&str>> = vec![
-            vec![
-                "ip", "-n", ns, "link", "add", ifname, "type", "veth", "peer", "name", &port,
-                "netns", &sw.ns,
-            ],
-            vec!["ip", "-n", &sw.ns, "link", "set", &port, "master", "br0"],
-            vec!["ip", "-n", &sw.ns, "link", "set", &port, "up"],
-            vec!["ip", "-n", ns, "addr", "add", cidr, "dev", ifname],
-            vec!["ip", "-n", ns, "link", "set", ifname, "up"],
-        ];
-        for c in cmds {
-            sh(&c).unwrap_or_else(|e| self.fail(&e));
-        }
+        self.attach_ns(&host.ns, ifname, sw, cidr);
     }
 
     /// Runs `ip ARGS` inside `host`'s namespace (`ip -n`); fails the test
@@ -440,6 +398,39 @@ impl Lab {
     pub fn resolv_conf(&self, host: &Host) -> Vec<u8> {
         let p = netns_resolv_conf(&host.ns);
         fs::read(&p).unwrap_or_else(|e| self.fail(&format!("read {}: {e}", p.display())))
+    }
+
+    /// Plugs a new interface `ifname` of namespace `ns` into switch `sw`
+    /// with address `cidr` (a veth whose two ends are created directly
+    /// inside their namespaces: no name ever exists in the root namespace).
+    fn attach_ns(&self, ns: &str, ifname: &str, sw: &Switch, cidr: &str) {
+        let addr: Ipv4Addr = cidr
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("bad address {cidr}"));
+        assert!(
+            in_net(addr, Ipv4Addr::new(198, 18, 0, 0), 15),
+            "underlay address {addr} is outside 198.18.0.0/15"
+        );
+        let port = {
+            let mut st = self.st();
+            st.veths += 1;
+            format!("vp{}", st.veths)
+        };
+        let cmds: Vec<Vec<&str>> = vec![
+            vec![
+                "ip", "-n", ns, "link", "add", ifname, "type", "veth", "peer", "name", &port,
+                "netns", &sw.ns,
+            ],
+            vec!["ip", "-n", &sw.ns, "link", "set", &port, "master", "br0"],
+            vec!["ip", "-n", &sw.ns, "link", "set", &port, "up"],
+            vec!["ip", "-n", ns, "addr", "add", cidr, "dev", ifname],
+            vec!["ip", "-n", ns, "link", "set", ifname, "up"],
+        ];
+        for c in cmds {
+            sh(&c).unwrap_or_else(|e| self.fail(&e));
+        }
     }
 
     // -- processes ---------------------------------------------------------
@@ -1038,6 +1029,8 @@ pub struct TokenOpts<'a> {
 
 #[derive(Clone, Debug)]
 pub struct PeerStatus {
+    /// `online` as reported (None when the agent does not report it).
+    pub online: Option<bool>,
     pub name: String,
     pub ip: Option<Ipv4Addr>,
     pub path: String,
@@ -1051,6 +1044,11 @@ pub struct PeerStatus {
 pub struct Status {
     pub name: String,
     pub ip: Option<Ipv4Addr>,
+    /// Relay connection of the agent: "udp", "tcp", "down", "none",
+    /// "refused: ..." (empty when not reported).
+    pub relay: String,
+    /// Reflexive (public) address learnt from the edge, if any.
+    pub reflexive: String,
     pub peers: Vec<PeerStatus>,
     pub raw: Value,
 }
@@ -1070,6 +1068,7 @@ impl Status {
             .map(|a| {
                 a.iter()
                     .map(|p| PeerStatus {
+                        online: p["online"].as_bool(),
                         name: p["name"].as_str().unwrap_or_default().to_string(),
                         ip: parse_ip(&p["ip"]),
                         path: p["path"].as_str().unwrap_or_default().to_string(),
@@ -1084,6 +1083,8 @@ impl Status {
         Ok(Status {
             name: v["name"].as_str().unwrap_or_default().to_string(),
             ip: parse_ip(&v["ip"]),
+            relay: v["relay"].as_str().unwrap_or_default().to_string(),
+            reflexive: v["reflexive"].as_str().unwrap_or_default().to_string(),
             peers,
             raw: v,
         })
@@ -1574,6 +1575,560 @@ impl Lab {
             self.fail(&format!("nft failed:\n{}", out.describe()));
         }
     }
+}
+
+impl Status {
+    /// The peer entry named `name`, if listed.
+    pub fn peer(&self, name: &str) -> Option<&PeerStatus> {
+        self.peers.iter().find(|p| p.name == name)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// An "internet" with NAT routers and firewalls
+// ---------------------------------------------------------------------------
+//
+// The lab switch (`Lab::switch`, bridge br0 in namespace `<prefix>-sw`) plays
+// the internet (198.18.0.0/24). A router is a namespace with a `wan` leg on
+// that switch and a `lan` leg on a switch of its own (e.g. 198.19.1.0/24);
+// hosts behind it route by default through its LAN address. Forwarding and
+// NAT are switched on inside the router's namespace only.
+
+/// How a router translates what leaves through its WAN leg.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nat {
+    /// Endpoint-independent mapping (`masquerade`: Linux keeps the source
+    /// port when it can); filtering by conntrack (address and port).
+    Cone,
+    /// A random source port per destination (`masquerade random`).
+    Symmetric,
+}
+
+/// A NAT router of the lab.
+#[derive(Clone, Debug)]
+pub struct Router {
+    pub name: String,
+    pub ns: String,
+    /// Address of the WAN leg (on the internet switch).
+    pub wan: Ipv4Addr,
+    /// Address of the LAN leg (gateway of the hosts behind it).
+    pub lan: Ipv4Addr,
+    pub lan_switch: Switch,
+    pub nat: Nat,
+}
+
+/// "198.19.11.1/24" -> "198.19.11.0/24".
+fn lan_subnet(cidr: &str) -> String {
+    let a = addr_of(cidr);
+    let len: u32 = cidr
+        .split('/')
+        .nth(1)
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(32);
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    format!("{}/{len}", Ipv4Addr::from(u32::from(a) & mask))
+}
+
+fn addr_of(cidr: &str) -> Ipv4Addr {
+    let a: Ipv4Addr = cidr
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("bad address {cidr}"));
+    assert!(
+        in_net(a, Ipv4Addr::new(198, 18, 0, 0), 15),
+        "underlay address {a} is outside 198.18.0.0/15"
+    );
+    a
+}
+
+impl Lab {
+    /// Another L2 switch: namespace `<prefix>-sw-<short>` with a bridge `br0`.
+    pub fn new_switch(&self, short: &str) -> Switch {
+        let ns = self.add_netns(&format!("sw-{short}"));
+        for args in [
+            vec!["ip", "-n", &ns, "link", "add", "br0", "type", "bridge"],
+            vec!["ip", "-n", &ns, "link", "set", "br0", "up"],
+        ] {
+            sh(&args).unwrap_or_else(|e| self.fail(&e));
+        }
+        Switch { ns }
+    }
+
+    /// A NAT router: `wan` leg with `wan_cidr` on the lab (internet) switch,
+    /// `lan` leg with `lan_cidr` on a new switch of its own, forwarding on,
+    /// nftables NAT of kind `nat` on what leaves through `wan`, and new
+    /// connections arriving on `wan` for the router itself dropped.
+    pub fn router(&self, name: &str, wan_cidr: &str, lan_cidr: &str, nat: Nat) -> Router {
+        let wan = addr_of(wan_cidr);
+        let lan = addr_of(lan_cidr);
+        let inet = self.switch();
+        let lan_switch = self.new_switch(name);
+        let ns = self.add_netns(name);
+        self.attach_ns(&ns, "wan", &inet, wan_cidr);
+        self.attach_ns(&ns, "lan", &lan_switch, lan_cidr);
+        self.sysctl(&ns, "net.ipv4.ip_forward", "1");
+        let masq = match nat {
+            Nat::Cone => "masquerade",
+            Nat::Symmetric => "masquerade random",
+        };
+        // Like any home router, drop unsolicited traffic arriving on the WAN
+        // leg. Dropping it before conntrack confirms it matters: otherwise
+        // a peer's early hole-punching datagram leaves a conntrack entry
+        // (peer -> wan:port) whose reply tuple clashes with the mapping our
+        // host then needs towards that peer, and masquerade picks another
+        // port: the "cone" would turn symmetric exactly when punching.
+        self.nft(
+            &ns,
+            &[
+                "add table ip nat",
+                "add chain ip nat post { type nat hook postrouting priority 100; }",
+                &format!("add rule ip nat post oifname \"wan\" {masq}"),
+                "add table ip wanfw",
+                "add chain ip wanfw in { type filter hook input priority 0; }",
+                "add rule ip wanfw in iifname \"wan\" ct state new drop",
+            ],
+        );
+        Router {
+            name: name.to_string(),
+            ns,
+            wan,
+            lan,
+            lan_switch,
+            nat,
+        }
+    }
+
+    /// A host on `r`'s LAN (`cidr` in the LAN's subnet) whose default route
+    /// goes through the router.
+    pub fn host_behind(&self, r: &Router, name: &str, cidr: &str) -> Host {
+        let h = self.host_on(&r.lan_switch, name, cidr);
+        let gw = r.lan.to_string();
+        self.ip_ok(&h.ns, &["route", "add", "default", "via", &gw]);
+        h
+    }
+
+    /// Another network behind the same router, for roaming: the LAN leg
+    /// gets `lan_cidr` too, and hosts on that subnet are translated to
+    /// another WAN address, `wan_cidr` (endpoint-independent, source port
+    /// kept). A host moving there gets a new public address with fresh
+    /// mappings, as when a device changes networks. (Merely renumbering
+    /// within one NAT would collide with the old host's conntrack entries
+    /// and make Linux pick random ports, i.e. turn the NAT symmetric.)
+    pub fn router_add_network(&self, r: &Router, lan_cidr: &str, wan_cidr: &str) {
+        addr_of(lan_cidr);
+        let wan2 = addr_of(wan_cidr);
+        self.ip_ok(&r.ns, &["addr", "add", lan_cidr, "dev", "lan"]);
+        self.ip_ok(&r.ns, &["addr", "add", wan_cidr, "dev", "wan"]);
+        let net = lan_subnet(lan_cidr);
+        let rule = match r.nat {
+            Nat::Cone => format!("snat to {wan2}"),
+            Nat::Symmetric => format!("snat to {wan2} random"),
+        };
+        self.nft(
+            &r.ns,
+            &[&format!(
+                "insert rule ip nat post ip saddr {net} oifname \"wan\" {rule}"
+            )],
+        );
+    }
+
+    /// Roaming: gives `host`'s eth0 the address `new_cidr` (default route
+    /// via `gw` when given), then removes its old address. Updates
+    /// `host.addr`.
+    pub fn move_host(&self, host: &mut Host, new_cidr: &str, gw: Option<Ipv4Addr>) {
+        let new = addr_of(new_cidr);
+        let out = self.run(
+            &host.ns,
+            "ip",
+            &["-o", "-4", "addr", "show", "dev", "eth0"],
+            Duration::from_secs(10),
+        );
+        let old_cidr = out
+            .stdout
+            .split_whitespace()
+            .find(|w| w.starts_with(&format!("{}/", host.addr)))
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                self.fail(&format!(
+                    "{} has no address {} on eth0:\n{}",
+                    host.name,
+                    host.addr,
+                    out.describe()
+                ))
+            });
+        self.ip_ok(&host.ns, &["addr", "add", new_cidr, "dev", "eth0"]);
+        if let Some(gw) = gw {
+            let gw = gw.to_string();
+            self.ip_ok(&host.ns, &["route", "replace", "default", "via", &gw]);
+        }
+        self.ip_ok(&host.ns, &["addr", "del", &old_cidr, "dev", "eth0"]);
+        host.addr = new;
+    }
+
+    /// `ip -n <ns> args...`; fails the test on error.
+    pub fn ip_ok(&self, ns: &str, args: &[&str]) {
+        let mut a = vec!["ip", "-n", ns];
+        a.extend_from_slice(args);
+        sh(&a).unwrap_or_else(|e| self.fail(&e));
+    }
+
+    /// `sysctl -w key=value` inside `ns` (never in the root namespace).
+    pub fn sysctl(&self, ns: &str, key: &str, value: &str) {
+        let kv = format!("{key}={value}");
+        let out = self.run(ns, "sysctl", &["-w", &kv], Duration::from_secs(10));
+        if !out.success() {
+            self.fail(&format!("sysctl failed:\n{}", out.describe()));
+        }
+    }
+
+    /// Runs each nftables command (`nft <cmd>`) inside `ns`.
+    pub fn nft(&self, ns: &str, cmds: &[&str]) {
+        for c in cmds {
+            let out = self.run(ns, "nft", &[c], Duration::from_secs(10));
+            if !out.success() {
+                self.fail(&format!("nft failed:\n{}", out.describe()));
+            }
+        }
+    }
+
+    /// A filter table `ip <table>` in `ns` with one chain on `hook`
+    /// (forward, input, output) holding `rules`. Remove with
+    /// [`Lab::firewall_remove`].
+    pub fn firewall(&self, ns: &str, table: &str, hook: &str, rules: &[String]) {
+        let mut cmds = vec![
+            format!("add table ip {table}"),
+            format!("add chain ip {table} c {{ type filter hook {hook} priority 0; }}"),
+        ];
+        for r in rules {
+            cmds.push(format!("add rule ip {table} c {r}"));
+        }
+        let c: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        self.nft(ns, &c);
+    }
+
+    pub fn firewall_remove(&self, ns: &str, table: &str) {
+        self.nft(ns, &[&format!("delete table ip {table}")]);
+    }
+
+    /// On router `r`, drops all forwarded UDP to and from `other` (e.g. the
+    /// other router's WAN address); UDP to the server still passes.
+    pub fn block_udp_between(&self, r: &Router, other: Ipv4Addr) {
+        self.firewall(
+            &r.ns,
+            "e2e_direct",
+            "forward",
+            &[
+                format!("ip daddr {other} ip protocol udp drop"),
+                format!("ip saddr {other} ip protocol udp drop"),
+            ],
+        );
+    }
+
+    pub fn unblock_udp_between(&self, r: &Router) {
+        self.firewall_remove(&r.ns, "e2e_direct");
+    }
+
+    /// On router `r`, drops every forwarded UDP packet from or to the LAN
+    /// host `lan_host` (TCP still passes).
+    pub fn block_all_udp_of(&self, r: &Router, lan_host: Ipv4Addr) {
+        self.firewall(
+            &r.ns,
+            "e2e_noudp",
+            "forward",
+            &[
+                format!("ip saddr {lan_host} ip protocol udp drop"),
+                format!("ip daddr {lan_host} ip protocol udp drop"),
+            ],
+        );
+    }
+
+    /// `trellis ping PEER --count N --state-dir D` in the node's namespace.
+    pub fn ping(&self, node: &Node, peer: &str, count: u32) -> CmdOutput {
+        let sd = node.state_dir.to_string_lossy().into_owned();
+        let n = count.to_string();
+        self.run(
+            &node.host.ns,
+            trellis_bin(),
+            &["ping", peer, "--count", &n, "--state-dir", &sd],
+            Duration::from_secs(10 + 2 * count as u64),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Long TCP streams with verified payload and progress timestamps
+// ---------------------------------------------------------------------------
+//
+// Protocol: the sender writes u64 total length, then `total` bytes of
+// `stream_byte(i)`; the sink checks every byte in order and, once it has
+// them all, answers u64 count of verified bytes. The sender waits for that
+// answer, so a completed send means every byte arrived intact and in order.
+
+const PATTERN_LEN: usize = 65521; // prime: never aligned with chunk sizes
+
+fn pattern_table() -> &'static [u8] {
+    static T: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        (0..PATTERN_LEN as u64)
+            .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+            .collect()
+    })
+}
+
+/// Byte `i` of a stream.
+pub fn stream_byte(i: u64) -> u8 {
+    pattern_table()[(i % PATTERN_LEN as u64) as usize] ^ ((i / PATTERN_LEN as u64) as u8)
+}
+
+/// What a [`StreamSink`] has seen so far.
+#[derive(Clone, Debug, Default)]
+pub struct SinkProgress {
+    pub connections: usize,
+    /// Verified bytes received on the current connection.
+    pub bytes: u64,
+    /// (time, cumulative bytes) after every read that returned data.
+    pub arrivals: Vec<(Instant, u64)>,
+    /// First error (corruption, reset, timeout) of a connection.
+    pub error: Option<String>,
+    pub done: bool,
+}
+
+impl SinkProgress {
+    /// Longest interval without any received data that ends after `from`
+    /// (intervals straddling `from` count): (length, start of the gap).
+    pub fn max_gap_after(&self, from: Instant) -> Option<(Duration, Instant)> {
+        let mut best: Option<(Duration, Instant)> = None;
+        for w in self.arrivals.windows(2) {
+            let (a, b) = (w[0].0, w[1].0);
+            if b <= from {
+                continue;
+            }
+            let g = b - a;
+            if best.map(|(d, _)| g > d).unwrap_or(true) {
+                best = Some((g, a));
+            }
+        }
+        best
+    }
+
+    /// Time of the first arrival strictly after `t`.
+    pub fn first_arrival_after(&self, t: Instant) -> Option<Instant> {
+        self.arrivals.iter().map(|a| a.0).find(|&a| a > t)
+    }
+}
+
+/// A TCP listener inside a namespace that verifies [`stream_send`] streams.
+pub struct StreamSink {
+    pub addr: SocketAddr,
+    pub progress: Arc<Mutex<SinkProgress>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl StreamSink {
+    pub fn snapshot(&self) -> SinkProgress {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for StreamSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Binds `addr` inside `ns` and verifies incoming streams (one at a time).
+pub fn stream_sink(ns: &str, addr: SocketAddr) -> Result<StreamSink, String> {
+    let l = in_netns(ns, move || {
+        TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))
+    })?;
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(Mutex::new(SinkProgress::default()));
+    let (stop2, prog2) = (stop.clone(), progress.clone());
+    let thread = thread::spawn(move || {
+        while !stop2.load(Ordering::SeqCst) {
+            match l.accept() {
+                Ok((s, _)) => {
+                    {
+                        let mut p = prog2.lock().unwrap_or_else(|e| e.into_inner());
+                        p.connections += 1;
+                        p.bytes = 0;
+                        p.done = false;
+                    }
+                    if let Err(e) = sink_conn(s, &prog2, &stop2) {
+                        let mut p = prog2.lock().unwrap_or_else(|e| e.into_inner());
+                        p.error.get_or_insert(e);
+                    }
+                }
+                Err(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+    Ok(StreamSink {
+        addr,
+        progress,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+fn sink_conn(
+    mut s: TcpStream,
+    prog: &Arc<Mutex<SinkProgress>>,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    s.set_nonblocking(false).map_err(|e| e.to_string())?;
+    // Short timeouts so that the sink notices `stop`; stalls are measured,
+    // not fatal here (the sender has its own deadline).
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut hdr = [0u8; 8];
+    let mut got = 0;
+    while got < 8 {
+        if stop.load(Ordering::SeqCst) || started.elapsed() > Duration::from_secs(60) {
+            return Err("stream header never arrived".into());
+        }
+        match s.read(&mut hdr[got..]) {
+            Ok(0) => return Err("connection closed before the header".into()),
+            Ok(n) => got += n,
+            Err(e) if is_timeout(&e) => continue,
+            Err(e) => return Err(format!("read header: {e}")),
+        }
+    }
+    let total = u64::from_be_bytes(hdr);
+    let table = pattern_table();
+    let mut off: u64 = 0;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut last_data = Instant::now();
+    while off < total {
+        if stop.load(Ordering::SeqCst) {
+            return Err(format!("sink stopped after {off} of {total} bytes"));
+        }
+        let want = buf.len().min((total - off) as usize);
+        match s.read(&mut buf[..want]) {
+            Ok(0) => return Err(format!("connection closed after {off} of {total} bytes")),
+            Ok(n) => {
+                for (k, &b) in buf[..n].iter().enumerate() {
+                    let i = off + k as u64;
+                    let want =
+                        table[(i % PATTERN_LEN as u64) as usize] ^ ((i / PATTERN_LEN as u64) as u8);
+                    if b != want {
+                        return Err(format!(
+                            "corrupted stream at byte {i}: got {b:#04x}, expected {want:#04x}"
+                        ));
+                    }
+                }
+                off += n as u64;
+                last_data = Instant::now();
+                let mut p = prog.lock().unwrap_or_else(|e| e.into_inner());
+                p.bytes = off;
+                p.arrivals.push((last_data, off));
+            }
+            Err(e) if is_timeout(&e) => {
+                if last_data.elapsed() > Duration::from_secs(60) {
+                    return Err(format!("no data for 60 s after {off} of {total} bytes"));
+                }
+            }
+            Err(e) => return Err(format!("read after {off} of {total} bytes: {e}")),
+        }
+    }
+    s.set_write_timeout(Some(Duration::from_secs(20)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(&off.to_be_bytes())
+        .map_err(|e| format!("write ack: {e}"))?;
+    let _ = s.flush();
+    prog.lock().unwrap_or_else(|e| e.into_inner()).done = true;
+    let _ = s.shutdown(Shutdown::Write);
+    // Let the ack drain before the socket closes.
+    let _ = s.read(&mut hdr);
+    Ok(())
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// Result of a completed [`stream_send`].
+#[derive(Clone, Debug)]
+pub struct StreamReport {
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// From namespace `ns`, streams `total` bytes to a [`StreamSink`] at `to`,
+/// paced at `rate` bytes/s, and waits for the sink's acknowledgement. Any
+/// single write or the final read may block at most `stall` (a reset or a
+/// longer stall fails). Runs on its own thread.
+pub fn stream_send(
+    ns: &str,
+    to: SocketAddr,
+    total: u64,
+    rate: u64,
+    stall: Duration,
+) -> JoinHandle<Result<StreamReport, String>> {
+    let ns = ns.to_string();
+    thread::spawn(move || {
+        in_netns(&ns, move || {
+            let started = Instant::now();
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+                .map_err(|e| format!("connect {to}: {e}"))?;
+            s.set_write_timeout(Some(stall))
+                .map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(stall)).map_err(|e| e.to_string())?;
+            s.write_all(&total.to_be_bytes())
+                .map_err(|e| format!("send header: {e}"))?;
+            let mut chunk = vec![0u8; 32 * 1024];
+            let mut off: u64 = 0;
+            while off < total {
+                let due = started + Duration::from_secs_f64(off as f64 / rate as f64);
+                let now = Instant::now();
+                if due > now {
+                    thread::sleep(due - now);
+                }
+                let n = chunk.len().min((total - off) as usize);
+                let table = pattern_table();
+                for (k, b) in chunk[..n].iter_mut().enumerate() {
+                    let i = off + k as u64;
+                    *b =
+                        table[(i % PATTERN_LEN as u64) as usize] ^ ((i / PATTERN_LEN as u64) as u8);
+                }
+                s.write_all(&chunk[..n]).map_err(|e| {
+                    format!(
+                        "write after {off} of {total} bytes ({:.1} s in): {e}",
+                        started.elapsed().as_secs_f64()
+                    )
+                })?;
+                off += n as u64;
+            }
+            let mut ack = [0u8; 8];
+            s.read_exact(&mut ack).map_err(|e| {
+                format!(
+                    "no acknowledgement after sending {total} bytes ({:.1} s in): {e}",
+                    started.elapsed().as_secs_f64()
+                )
+            })?;
+            let acked = u64::from_be_bytes(ack);
+            if acked != total {
+                return Err(format!("sink acknowledged {acked} of {total} bytes"));
+            }
+            Ok(StreamReport {
+                bytes: total,
+                elapsed: started.elapsed(),
+            })
+        })
+    })
 }
 
 // ---------------------------------------------------------------------------

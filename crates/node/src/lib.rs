@@ -153,6 +153,7 @@ pub async fn run(opts: JoinOptions, shutdown: impl Future<Output = ()>) -> anyho
         accept_dns: opts.accept_dns,
         dns: Arc::new(std::sync::RwLock::new(None)),
         resolver: tokio::sync::Mutex::new(None),
+        roamed: tokio::sync::Notify::new(),
     });
     if let Some(map) = agent.dir.load_map() {
         tracing::info!(
@@ -269,6 +270,9 @@ struct Agent {
     dns: Arc<std::sync::RwLock<Option<DnsConfig>>>,
     /// The resolver task and what it changed on the system, once names arrived.
     resolver: tokio::sync::Mutex<Option<(tokio::task::JoinHandle<()>, sysconf::ResolverGuard)>>,
+    /// Woken when this machine's addresses change, so that long-lived TCP
+    /// connections bound to an old address are made again.
+    roamed: tokio::sync::Notify,
 }
 
 struct AgentInner {
@@ -637,7 +641,7 @@ async fn stream_once(agent: &Arc<Agent>, state: &NodeState) -> anyhow::Result<Fa
         Ok(Ok(x)) => x,
     };
     let (mut tx, mut rx) = ws.split();
-    let mut addrs = local_addrs(&agent.ifname);
+    let addrs = local_addrs(&agent.ifname);
     let mut reflexive = agent.dp.tunnel().reflexive();
     tx.send(hello(agent, &addrs, reflexive)?).await?;
     agent.lock().connected = true;
@@ -688,10 +692,12 @@ async fn stream_once(agent: &Arc<Agent>, state: &NodeState) -> anyhow::Result<Fa
                 let now = local_addrs(&agent.ifname);
                 let mut changed = false;
                 if now != addrs {
-                    tracing::info!("local addresses changed (roaming); re-registering and re-probing");
-                    addrs = now;
+                    tracing::info!("local addresses changed (roaming); re-registering, re-probing, reconnecting");
                     agent.dp.tunnel().reregister_now(Instant::now());
-                    changed = true;
+                    agent.roamed.notify_waiters();
+                    // This connection may be bound to an address that is gone:
+                    // make a new one, which sends the new candidates first thing.
+                    bail!("local addresses changed");
                 }
                 let r = agent.dp.tunnel().reflexive();
                 if r != reflexive {
@@ -713,7 +719,7 @@ async fn relay_tcp_loop(agent: Arc<Agent>, state: NodeState) {
     loop {
         let path = agent.lock().relay.as_ref().map(|r| r.ws_path.clone());
         let Some(path) = path else {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let started = Instant::now();
@@ -754,6 +760,7 @@ async fn relay_tcp_once(agent: &Arc<Agent>, state: &NodeState, path: &str) -> an
                 Some(f) => tx.send(Message::Binary(f.into())).await?,
                 None => bail!("relay sink closed"),
             },
+            _ = agent.roamed.notified() => bail!("local addresses changed"),
             m = tokio::time::timeout(STREAM_IDLE_TIMEOUT, rx.next()) => {
                 match m.context("the TCP relay went silent")? {
                     None => bail!("the edge closed the TCP relay"),

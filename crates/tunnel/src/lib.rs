@@ -70,6 +70,14 @@ pub const PROBE_MAX: Duration = Duration::from_secs(8);
 pub const ACTIVE_WINDOW: Duration = Duration::from_secs(30);
 /// The UDP relay counts as working while the edge acknowledged a registration this recently.
 pub const RELAY_UDP_HEALTHY: Duration = Duration::from_secs(25);
+/// Data arriving over the relay while our direct path heard nothing for this
+/// long means the peer gave the direct path up.
+const FOLLOW_TO_RELAY: Duration = Duration::from_millis(1000);
+/// A first handshake is sent again this soon after the path changed...
+const HANDSHAKE_REPATH: Duration = Duration::from_millis(50);
+/// ...or after this long without an answer, at most this many times.
+const HANDSHAKE_QUICK_RETRY: Duration = Duration::from_secs(1);
+const HANDSHAKE_QUICK_RETRIES: u32 = 4;
 /// Candidates probed per round, at most.
 const MAX_CANDIDATES: usize = 8;
 /// Peer-reflexive candidates (addresses probes came from) kept per peer.
@@ -235,6 +243,10 @@ struct Peer {
     heartbeat_next: Instant,
     outstanding: Vec<(u64, Instant)>,
     last_activity: Option<Instant>,
+    /// The path the last handshake initiation went out on, and when: if the
+    /// path changes before the session is up, the initiation is sent again at
+    /// once instead of after WireGuard's 5 s retry.
+    handshake_via: Option<(Path, Instant, u32)>,
 }
 
 impl Peer {
@@ -290,6 +302,17 @@ impl Peer {
         }
         self.direct = Some(at);
         self.direct_rx = Some(now);
+    }
+}
+
+/// WireGuard message type of a handshake initiation (first byte, little endian u32).
+const HANDSHAKE_INIT: u8 = 1;
+
+/// Remembers that `bytes` (about to go out over `path`) is a handshake initiation.
+fn note_handshake(peer: &mut Peer, path: Path, bytes: &[u8], now: Instant) {
+    if bytes.first() == Some(&HANDSHAKE_INIT) && bytes.len() == 148 {
+        let attempts = peer.handshake_via.map_or(0, |h| h.2);
+        peer.handshake_via = Some((path, now, attempts));
     }
 }
 
@@ -452,6 +475,10 @@ impl Tunnel {
             r.last_register = None;
         }
         for p in self.peers.values_mut() {
+            // Our old address's NAT mappings are gone: use the relay until a
+            // probe from the new address confirms a direct path again.
+            p.direct_rx = None;
+            p.direct_was_alive = false;
             p.reset_probing(now);
             p.heartbeat_next = now;
         }
@@ -536,6 +563,7 @@ impl Tunnel {
                 heartbeat_next: now,
                 outstanding: Vec::new(),
                 last_activity: None,
+                handshake_via: None,
             },
         );
     }
@@ -602,6 +630,7 @@ impl Tunnel {
                 if offset != 0 {
                     out.copy_within(head + offset..head + offset + len, head);
                 }
+                note_handshake(peer, path, &out[head..head + len], now);
                 match path {
                     Path::Direct(to) => Action::Send { to, offset: 0, len },
                     relayed => relay_action(relayed, &peer.config.public_key, out, len),
@@ -816,6 +845,11 @@ impl Tunnel {
                 return Action::Drop(DropReason::UnknownPeer);
             }
         }
+        let relayed_while_direct = matches!(src, Source::Relay(_))
+            && peer.direct_alive(now)
+            && peer
+                .direct_rx
+                .is_some_and(|t| now.saturating_duration_since(t) >= FOLLOW_TO_RELAY);
         let result = peer.session.decapsulate(Some(src_ip), datagram, out);
         let action = match result {
             SessionOutput::Rejected(e) => return Action::Drop(DropReason::Rejected(e)),
@@ -856,6 +890,14 @@ impl Tunnel {
         let peer = self.peers.get_mut(&id).expect("looked up above");
         if matches!(action, Action::Deliver { .. }) {
             peer.last_activity = Some(now);
+            if relayed_while_direct {
+                // The peer sends through the edge although our direct path
+                // looked fine: it lost the path (it roamed). Follow it to the
+                // relay now rather than after the direct timeout.
+                tracing::debug!(peer = %peer.config.name, "peer switched to the relay; following");
+                peer.direct_rx = None;
+                peer.reset_probing(now);
+            }
         }
         // The packet authenticated: a direct source is where the peer is now (roaming).
         if let Source::Udp(from) = src {
@@ -1035,8 +1077,37 @@ impl Tunnel {
                             RELAY_HEADER,
                         );
                     }
+                    note_handshake(peer, path, &out[RELAY_HEADER..RELAY_HEADER + len], now);
                     let a = emit(path, &peer.config.public_key, out, len);
                     deliver_to(a, out, &mut send);
+                }
+            }
+
+            // A first handshake that went out on a path we no longer use, or
+            // got no answer for a second: send it again now rather than after
+            // WireGuard's 5 s retry (the far end's relay may just have come up).
+            if let Some((via, at, attempts)) = peer.handshake_via {
+                let since = now.saturating_duration_since(at);
+                if peer.session.stats().since_last_handshake.is_some() {
+                    peer.handshake_via = None;
+                } else if let Some(path) = peer.path(now, relay).filter(|p| {
+                    (*p != via && since >= HANDSHAKE_REPATH)
+                        || (since >= HANDSHAKE_QUICK_RETRY && attempts < HANDSHAKE_QUICK_RETRIES)
+                }) {
+                    if let SessionOutput::ToNetwork { offset, len } =
+                        peer.session.force_handshake(&mut out[RELAY_HEADER..])
+                    {
+                        if offset != 0 {
+                            out.copy_within(
+                                RELAY_HEADER + offset..RELAY_HEADER + offset + len,
+                                RELAY_HEADER,
+                            );
+                        }
+                        tracing::debug!(peer = %peer.config.name, path = path.kind(), "sending the handshake again");
+                        peer.handshake_via = Some((path, now, attempts + 1));
+                        let a = emit(path, &peer.config.public_key, out, len);
+                        deliver_to(a, out, &mut send);
+                    }
                 }
             }
         }

@@ -129,6 +129,13 @@ impl Session {
         output(base, self.tunn.decapsulate(src, datagram, out))
     }
 
+    /// A new handshake initiation now, even if one is in flight (it went
+    /// out over a path that has since changed).
+    pub(crate) fn force_handshake(&mut self, out: &mut [u8]) -> SessionOutput {
+        let base = out.as_ptr() as usize;
+        output(base, self.tunn.format_handshake_initiation(out, true))
+    }
+
     pub(crate) fn update_timers(&mut self, out: &mut [u8]) -> SessionOutput {
         let base = out.as_ptr() as usize;
         output(base, self.tunn.update_timers(out))

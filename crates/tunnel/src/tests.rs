@@ -679,3 +679,69 @@ fn forged_probes_and_relay_claims_are_refused() {
     assert_eq!(r, Action::Drop(DropReason::Malformed));
     assert_eq!(b.tunnel.reflexive(), Some(b.addr));
 }
+
+#[test]
+fn handshake_lost_on_a_dead_path_is_resent_when_the_relay_comes_up() {
+    let (mut a, mut b, mut now) = relayed_pair();
+    let mut edge = Edge::default();
+    let blocked = [(a.addr, b.addr)];
+    // a sends before the edge answered its registration: the initiation goes
+    // to b's (blocked) direct candidate and is lost.
+    let pkt = ip_packet("100.64.0.2", "100.64.0.3", b"first");
+    let mut wire = vec![];
+    a.send_ip(now, &pkt, &mut wire);
+    assert_eq!(wire.len(), 1);
+    assert!(
+        !wire[0].tcp && wire[0].to == b.addr,
+        "initiation went direct"
+    );
+    run_sim(now, &mut [&mut a, &mut b], &mut edge, &blocked, &mut wire);
+    assert!(b.delivered.is_empty());
+    // The relay comes up; within a few ticks (not WireGuard's 5 s retry) the
+    // handshake completes over it and the queued packet arrives.
+    for _ in 0..5 {
+        now += Duration::from_millis(100);
+        tick_all(now, &mut a, &mut b, &mut edge, &blocked);
+        if !b.delivered.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(b.delivered, vec![pkt]);
+}
+
+#[test]
+fn roaming_falls_back_to_the_relay_at_once_and_the_peer_follows() {
+    let (mut a, mut b, mut now) = relayed_pair();
+    let mut edge = Edge::default();
+    tick_all(now, &mut a, &mut b, &mut edge, &[]);
+    let mut wire = vec![];
+    // Go direct.
+    for _ in 0..30 {
+        a.send_ip(now, &ip_packet("100.64.0.2", "100.64.0.3", b"x"), &mut wire);
+        b.send_ip(now, &ip_packet("100.64.0.3", "100.64.0.2", b"y"), &mut wire);
+        run_sim(now, &mut [&mut a, &mut b], &mut edge, &[], &mut wire);
+        now += Duration::from_millis(100);
+        tick_all(now, &mut a, &mut b, &mut edge, &[]);
+    }
+    assert_eq!(path_of(&a, now), "direct");
+    assert_eq!(path_of(&b, now), "direct");
+    // a roams: its old address is dead for b.
+    let old = a.addr;
+    a.addr = "198.18.1.50:51820".parse().unwrap();
+    a.tunnel.reregister_now(now);
+    assert_eq!(path_of(&a, now), "relay-udp", "a uses the relay at once");
+    let blocked = [(old, b.addr)];
+    now += Duration::from_millis(1100);
+    // a's traffic now comes through the relay: b follows within one packet.
+    tick_all(now, &mut a, &mut b, &mut edge, &blocked);
+    a.send_ip(now, &ip_packet("100.64.0.2", "100.64.0.3", b"z"), &mut wire);
+    run_sim(now, &mut [&mut a, &mut b], &mut edge, &blocked, &mut wire);
+    let pkt = ip_packet("100.64.0.3", "100.64.0.2", b"to the new place");
+    b.send_ip(now, &pkt, &mut wire);
+    run_sim(now, &mut [&mut a, &mut b], &mut edge, &blocked, &mut wire);
+    assert_eq!(
+        a.delivered.last(),
+        Some(&pkt),
+        "b reached a at its new address"
+    );
+}
