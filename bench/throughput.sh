@@ -139,11 +139,12 @@ done
 KEY=$(head -1 "$WORK/server/admin.key")
 TOKEN=$(in_s "$TRELLIS_BIN" token create --reusable --server "$URL" --api-key "$KEY")
 
+# --accept-dns=false: the benchmark never touches any resolver configuration.
 in_a "$TRELLIS_BIN" join --server "$URL" --token "$TOKEN" --name bench-a \
-    --state-dir "$WORK/a" >"$WORK/node-a.log" 2>&1 &
+    --state-dir "$WORK/a" --accept-dns=false >"$WORK/node-a.log" 2>&1 &
 PIDS+=($!)
 in_b "$TRELLIS_BIN" join --server "$URL" --token "$TOKEN" --name bench-b \
-    --state-dir "$WORK/b" >"$WORK/node-b.log" 2>&1 &
+    --state-dir "$WORK/b" --accept-dns=false >"$WORK/node-b.log" 2>&1 &
 PIDS+=($!)
 
 overlay_ip() { # namespace
