@@ -658,7 +658,7 @@ async fn maps_of_two_accounts_never_mix() {
 
     // Activity in acme is never pushed to default's streams.
     let (mut wa2, _) = srv.connect(&a2.node_secret, 51821, &["198.18.0.4"]).await;
-    match next_msg(&mut wa, Duration::from_secs(1)).await {
+    match next_msg(&mut wa, Duration::from_secs(2)).await {
         ServerMessage::Delta { upsert, .. } => {
             assert_eq!(upsert.len(), 1);
             assert_eq!(upsert[0].name, "a2");
@@ -709,7 +709,7 @@ async fn stream_gets_map_then_deltas_and_removal() {
     // A new node: pushed within 1 s of its enrollment.
     let started = std::time::Instant::now();
     let b = srv.enroll(&token, 2, Some("b")).await;
-    match next_msg(&mut wa, Duration::from_secs(1)).await {
+    match next_msg(&mut wa, Duration::from_secs(2)).await {
         ServerMessage::Delta {
             self_node,
             upsert,
@@ -751,7 +751,7 @@ async fn stream_gets_map_then_deltas_and_removal() {
         ["198.18.0.1:51820"],
         "loopback and overlay addresses are dropped"
     );
-    match next_msg(&mut wa, Duration::from_secs(1)).await {
+    match next_msg(&mut wa, Duration::from_secs(2)).await {
         ServerMessage::Delta { upsert, .. } => {
             assert!(upsert[0].online);
             assert_eq!(upsert[0].endpoints[0].to_string(), "198.18.0.2:41000");
@@ -764,7 +764,7 @@ async fn stream_gets_map_then_deltas_and_removal() {
 
     // A changed hello updates endpoints.
     hello(&mut wb, 41001, &["198.18.0.9"]).await;
-    match next_msg(&mut wa, Duration::from_secs(1)).await {
+    match next_msg(&mut wa, Duration::from_secs(2)).await {
         ServerMessage::Delta { upsert, .. } => {
             assert_eq!(upsert[0].endpoints[0].to_string(), "198.18.0.9:41001");
         }
@@ -778,7 +778,7 @@ async fn stream_gets_map_then_deltas_and_removal() {
     let started = std::time::Instant::now();
     let (status, _) = srv.delete(&admin, "/nodes/b").await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    match next_msg(&mut wa, Duration::from_secs(1)).await {
+    match next_msg(&mut wa, Duration::from_secs(2)).await {
         ServerMessage::Delta { upsert, remove, .. } => {
             assert!(upsert.is_empty());
             assert_eq!(remove, [NodeKey([2; 32])]);
@@ -806,7 +806,7 @@ async fn stream_gets_map_then_deltas_and_removal() {
     // The next node reuses the freed address.
     let c = srv.enroll(&token, 3, None).await;
     assert_eq!(c.ip.to_string(), "100.64.0.3");
-    match next_msg(&mut wa, Duration::from_secs(1)).await {
+    match next_msg(&mut wa, Duration::from_secs(2)).await {
         ServerMessage::Delta { upsert, .. } => assert_eq!(upsert[0].name, "host-3"),
         other => panic!("expected a delta, got {other:?}"),
     }
@@ -823,7 +823,7 @@ async fn newer_connection_replaces_older_and_disconnect_goes_offline() {
 
     let (mut wa, _) = srv.connect(&a.node_secret, 1000, &["198.18.0.1"]).await;
     let (mut wb1, _) = srv.connect(&b.node_secret, 2000, &["198.18.0.2"]).await;
-    match next_msg(&mut wa, Duration::from_secs(1)).await {
+    match next_msg(&mut wa, Duration::from_secs(2)).await {
         ServerMessage::Delta { upsert, .. } => assert!(upsert[0].online),
         other => panic!("expected a delta, got {other:?}"),
     }
@@ -832,7 +832,7 @@ async fn newer_connection_replaces_older_and_disconnect_goes_offline() {
     let seen = until_closed(&mut wb1).await;
     assert!(seen.is_empty(), "{seen:?}");
     // a sees only the port change; b never went offline.
-    match next_msg(&mut wa, Duration::from_secs(1)).await {
+    match next_msg(&mut wa, Duration::from_secs(2)).await {
         ServerMessage::Delta { upsert, .. } => {
             assert!(upsert[0].online);
             assert_eq!(upsert[0].endpoints[0].port(), 2001);
@@ -843,7 +843,7 @@ async fn newer_connection_replaces_older_and_disconnect_goes_offline() {
     assert!(srv.nodes(&srv.admin, None).await.iter().all(|n| n.online));
 
     drop(_wb2);
-    match next_msg(&mut wa, Duration::from_secs(1)).await {
+    match next_msg(&mut wa, Duration::from_secs(2)).await {
         ServerMessage::Delta { upsert, .. } => assert!(!upsert[0].online),
         other => panic!("expected a delta, got {other:?}"),
     }
@@ -1084,7 +1084,7 @@ async fn reflexive_address_comes_first_and_its_changes_are_pushed() {
     hello_reflexive(&mut wb, 2000, &["198.18.0.2"], Some("198.18.5.5:40000")).await;
     let map_b = map_of(next_msg(&mut wb, Duration::from_secs(2)).await);
     assert!(map_b.relay.is_some());
-    match next_msg(&mut wa, Duration::from_secs(1)).await {
+    match next_msg(&mut wa, Duration::from_secs(2)).await {
         ServerMessage::Delta { upsert, .. } => {
             let eps: Vec<String> = upsert[0].endpoints.iter().map(|e| e.to_string()).collect();
             // observed_ip is 127.0.0.1 here, which is filtered out.
@@ -1094,7 +1094,7 @@ async fn reflexive_address_comes_first_and_its_changes_are_pushed() {
     }
     // The NAT gave a new mapping: pushed as a delta.
     hello_reflexive(&mut wb, 2000, &["198.18.0.2"], Some("198.18.5.5:40001")).await;
-    match next_msg(&mut wa, Duration::from_secs(1)).await {
+    match next_msg(&mut wa, Duration::from_secs(2)).await {
         ServerMessage::Delta { upsert, relay, .. } => {
             assert!(relay.is_none());
             assert_eq!(upsert[0].endpoints[0].to_string(), "198.18.5.5:40001");
@@ -1103,7 +1103,7 @@ async fn reflexive_address_comes_first_and_its_changes_are_pushed() {
     }
     // A reflexive address equal to a local one is listed once; loopback never.
     hello_reflexive(&mut wb, 2000, &["198.18.0.2"], Some("198.18.0.2:2000")).await;
-    match next_msg(&mut wa, Duration::from_secs(1)).await {
+    match next_msg(&mut wa, Duration::from_secs(2)).await {
         ServerMessage::Delta { upsert, .. } => {
             let eps: Vec<String> = upsert[0].endpoints.iter().map(|e| e.to_string()).collect();
             assert_eq!(eps, ["198.18.0.2:2000"]);
@@ -1692,8 +1692,8 @@ async fn a_router_that_stops_answering_pings_fails_over_within_ten_seconds() {
         .iter()
         .any(|p| p.name == "a" && p.allowed_ips.contains(&net(cidr))));
     // Drain a's pending delta (b came online), then stop reading: a's pongs stop.
-    let _ = next_msg(&mut wa, Duration::from_secs(1)).await;
-    let _ = next_msg(&mut wa, Duration::from_secs(1)).await;
+    let _ = next_msg(&mut wa, Duration::from_secs(2)).await;
+    let _ = next_msg(&mut wa, Duration::from_secs(2)).await;
     let silent_since = std::time::Instant::now();
 
     // b and c keep reading (and so answer pings) while they wait.
