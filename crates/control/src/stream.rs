@@ -118,6 +118,10 @@ pub async fn account_view(
     else {
         return Ok(None);
     };
+    // Who is online is read before the nodes: a node's Hello is stored before
+    // it counts as online, so a node seen online here has its endpoints in the
+    // rows read below (never "online without endpoints" in a pushed map).
+    let online = state.hub.online_in(account.id);
     let nodes = state
         .store
         .list_nodes(account.id)
@@ -133,7 +137,6 @@ pub async fn account_view(
         .dns_records(account.id)
         .await
         .context("loading the account's DNS records")?;
-    let online = state.hub.online_in(account.id);
     let primaries = state.hub.primaries(account.id, &approved, &online);
     let dns = dns_config(&account, &nodes, &records, &state.dns_suffix);
     Ok(Some(AccountView {

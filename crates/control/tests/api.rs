@@ -207,6 +207,25 @@ async fn hello_reflexive(ws: &mut Ws, port: u16, local: &[&str], reflexive: Opti
 }
 
 /// The next server message, skipping pings; panics after `within`.
+/// Reads deltas until one whose upserted peers satisfy `pred` (deltas are
+/// ordered and eventually consistent: an earlier recomputation may be pushed
+/// first), failing after `within`.
+async fn delta_until(
+    ws: &mut Ws,
+    within: Duration,
+    mut pred: impl FnMut(&[Peer]) -> bool,
+) -> Vec<Peer> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match next_msg(ws, left).await {
+            ServerMessage::Delta { upsert, .. } if pred(&upsert) => return upsert,
+            ServerMessage::Delta { .. } => continue,
+            other => panic!("expected a delta, got {other:?}"),
+        }
+    }
+}
+
 async fn next_msg(ws: &mut Ws, within: Duration) -> ServerMessage {
     let deadline = tokio::time::Instant::now() + within;
     loop {
@@ -658,15 +677,14 @@ async fn maps_of_two_accounts_never_mix() {
 
     // Activity in acme is never pushed to default's streams.
     let (mut wa2, _) = srv.connect(&a2.node_secret, 51821, &["198.18.0.4"]).await;
-    match next_msg(&mut wa, Duration::from_secs(2)).await {
-        ServerMessage::Delta { upsert, .. } => {
-            assert_eq!(upsert.len(), 1);
-            assert_eq!(upsert[0].name, "a2");
-            assert!(upsert[0].online);
-            assert_eq!(upsert[0].endpoints[0].to_string(), "198.18.0.4:51821");
-        }
-        other => panic!("expected a delta, got {other:?}"),
-    }
+    let upsert = delta_until(&mut wa, Duration::from_secs(2), |u| {
+        u.first()
+            .is_some_and(|p| p.online && !p.endpoints.is_empty())
+    })
+    .await;
+    assert_eq!(upsert.len(), 1);
+    assert_eq!(upsert[0].name, "a2");
+    assert_eq!(upsert[0].endpoints[0].to_string(), "198.18.0.4:51821");
     expect_silence(&mut wd, Duration::from_millis(500)).await;
     let _ = wa2.close(None).await;
     let _ = d2;
@@ -831,14 +849,13 @@ async fn newer_connection_replaces_older_and_disconnect_goes_offline() {
     assert_eq!(map_of(first).peers.len(), 1);
     let seen = until_closed(&mut wb1).await;
     assert!(seen.is_empty(), "{seen:?}");
-    // a sees only the port change; b never went offline.
-    match next_msg(&mut wa, Duration::from_secs(2)).await {
-        ServerMessage::Delta { upsert, .. } => {
-            assert!(upsert[0].online);
-            assert_eq!(upsert[0].endpoints[0].port(), 2001);
-        }
-        other => panic!("expected a delta, got {other:?}"),
-    }
+    // a sees the port change; b never went offline.
+    let upsert = delta_until(&mut wa, Duration::from_secs(2), |u| {
+        u.first()
+            .is_some_and(|p| p.endpoints.first().is_some_and(|e| e.port() == 2001))
+    })
+    .await;
+    assert!(upsert[0].online);
     expect_silence(&mut wa, Duration::from_millis(300)).await;
     assert!(srv.nodes(&srv.admin, None).await.iter().all(|n| n.online));
 
@@ -1084,14 +1101,13 @@ async fn reflexive_address_comes_first_and_its_changes_are_pushed() {
     hello_reflexive(&mut wb, 2000, &["198.18.0.2"], Some("198.18.5.5:40000")).await;
     let map_b = map_of(next_msg(&mut wb, Duration::from_secs(2)).await);
     assert!(map_b.relay.is_some());
-    match next_msg(&mut wa, Duration::from_secs(2)).await {
-        ServerMessage::Delta { upsert, .. } => {
-            let eps: Vec<String> = upsert[0].endpoints.iter().map(|e| e.to_string()).collect();
-            // observed_ip is 127.0.0.1 here, which is filtered out.
-            assert_eq!(eps, ["198.18.5.5:40000", "198.18.0.2:2000"]);
-        }
-        other => panic!("expected a delta, got {other:?}"),
-    }
+    // observed_ip is 127.0.0.1 here, which is filtered out.
+    let upsert = delta_until(&mut wa, Duration::from_secs(2), |u| {
+        u.first().is_some_and(|p| !p.endpoints.is_empty())
+    })
+    .await;
+    let eps: Vec<String> = upsert[0].endpoints.iter().map(|e| e.to_string()).collect();
+    assert_eq!(eps, ["198.18.5.5:40000", "198.18.0.2:2000"]);
     // The NAT gave a new mapping: pushed as a delta.
     hello_reflexive(&mut wb, 2000, &["198.18.0.2"], Some("198.18.5.5:40001")).await;
     match next_msg(&mut wa, Duration::from_secs(2)).await {
