@@ -954,12 +954,7 @@ impl Store {
         now: i64,
     ) -> StoreResult<RouteEntry> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let node_id: Option<i64> =
-            sqlx::query_scalar("SELECT id FROM nodes WHERE account_id = ? AND name = ?")
-                .bind(account.id)
-                .bind(node_name)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let node_id: Option<i64> = node_named(&mut tx, account.id, node_name).await?;
         let node_id = node_id.ok_or_else(|| no_node(account, node_name))?;
         let text = cidr.to_string();
         let advertised: Option<bool> =
@@ -1013,24 +1008,14 @@ impl Store {
         validate_record_name(name).map_err(StoreError::Invalid)?;
         validate_record_addr(&addr).map_err(StoreError::Invalid)?;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let node: Option<i64> =
-            sqlx::query_scalar("SELECT id FROM nodes WHERE account_id = ? AND name = ?")
-                .bind(account.id)
-                .bind(name)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let node: Option<i64> = node_named(&mut tx, account.id, name).await?;
         if node.is_some() {
             return Err(StoreError::Conflict(format!(
                 "{name:?} is the name of a node of account {:?}; pick another record name (or rename the node with `trellis nodes rename`)",
                 account.name
             )));
         }
-        let existing: Option<String> =
-            sqlx::query_scalar("SELECT addr FROM dns_records WHERE account_id = ? AND name = ?")
-                .bind(account.id)
-                .bind(name)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let existing: Option<String> = record_named(&mut tx, account.id, name).await?;
         if let Some(addr) = existing {
             return Err(StoreError::Conflict(format!(
                 "a record named {name:?} already exists (→ {addr}); remove it first with `trellis dns remove {name}`"
@@ -1089,24 +1074,14 @@ impl Store {
         if name == new_name {
             return Ok(node);
         }
-        let taken: Option<i64> =
-            sqlx::query_scalar("SELECT id FROM nodes WHERE account_id = ? AND name = ?")
-                .bind(account.id)
-                .bind(new_name)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let taken: Option<i64> = node_named(&mut tx, account.id, new_name).await?;
         if taken.is_some() {
             return Err(StoreError::Conflict(format!(
                 "another node of account {:?} is already named {new_name:?}; pick another name",
                 account.name
             )));
         }
-        let record: Option<String> =
-            sqlx::query_scalar("SELECT addr FROM dns_records WHERE account_id = ? AND name = ?")
-                .bind(account.id)
-                .bind(new_name)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let record: Option<String> = record_named(&mut tx, account.id, new_name).await?;
         if let Some(addr) = record {
             return Err(StoreError::Conflict(format!(
                 "{new_name:?} is already a DNS record of account {:?} (→ {addr}); pick another name or remove the record with `trellis dns remove {new_name}`",
@@ -1122,6 +1097,32 @@ impl Store {
         node.name = new_name.to_string();
         Ok(node)
     }
+}
+
+/// The id of the node called `name` in an account, if any.
+async fn node_named(
+    tx: &mut sqlx::SqliteConnection,
+    account_id: i64,
+    name: &str,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM nodes WHERE account_id = ? AND name = ?")
+        .bind(account_id)
+        .bind(name)
+        .fetch_optional(tx)
+        .await
+}
+
+/// The address of the DNS record called `name` in an account, if any.
+async fn record_named(
+    tx: &mut sqlx::SqliteConnection,
+    account_id: i64,
+    name: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT addr FROM dns_records WHERE account_id = ? AND name = ?")
+        .bind(account_id)
+        .bind(name)
+        .fetch_optional(tx)
+        .await
 }
 
 #[cfg(test)]
