@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::net::UdpSocket;
-use tokio::time::MissedTickBehavior;
+use std::sync::atomic::{AtomicBool, Ordering};
+use trellis_io::batch::{BatchSocket, Out, RecvBufs};
 
 pub use relay::{DropReason, Outcome, RelayHub, RelayStats, Revoked};
 
@@ -21,25 +21,44 @@ pub use relay::{DropReason, Outcome, RelayHub, RelayStats, Revoked};
 const MAX_DATAGRAM: usize = 65_535;
 /// How often stale relay registrations are dropped.
 const EXPIRE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the relay thread waits for a datagram before looking at the
+/// stop flag and the expiry clock again.
+const IDLE_POLL_MS: i32 = 200;
+/// Bytes of outgoing frames gathered per batch.
+const BATCH_BYTES: usize = 2 << 20;
 
 /// The edge's UDP listener: answers STUN and drives a [`RelayHub`].
 pub struct EdgeUdp {
-    socket: UdpSocket,
+    socket: BatchSocket,
+    /// The same socket, for frames WebSocket clients send to UDP nodes.
+    sender: std::net::UdpSocket,
     hub: Arc<RelayHub>,
     outbox: relay::UdpOutbox,
+}
+
+/// Stops the relay thread when the task serving it is dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 impl EdgeUdp {
     /// Binds `addr` and takes `hub`'s UDP outbox (a hub drives one socket).
     pub async fn bind(addr: SocketAddr, hub: Arc<RelayHub>) -> anyhow::Result<EdgeUdp> {
-        let socket = UdpSocket::bind(addr).await.with_context(|| {
+        let socket = std::net::UdpSocket::bind(addr).with_context(|| {
             format!("binding the edge UDP port {addr} (is another server using it?)")
         })?;
+        let sender = socket.try_clone().context("cloning the edge UDP socket")?;
+        let socket = BatchSocket::new(socket).context("configuring the edge UDP socket")?;
         let outbox = hub
             .take_udp_outbox()
             .context("this relay hub already drives another edge UDP socket")?;
         Ok(EdgeUdp {
             socket,
+            sender,
             hub,
             outbox,
         })
@@ -50,43 +69,98 @@ impl EdgeUdp {
     }
 
     /// Answers discovery probes and relays frames until the task is dropped.
-    pub async fn serve(mut self) {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
-        let mut out = Vec::with_capacity(MAX_DATAGRAM);
-        let mut expire = tokio::time::interval(EXPIRE_INTERVAL);
-        expire.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                received = self.socket.recv_from(&mut buf) => {
-                    let (n, from) = match received {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "edge UDP receive error");
-                            continue;
-                        }
-                    };
-                    if let Outcome::Send(to) = self.hub.handle_udp(Instant::now(), from, &buf[..n], &mut out) {
-                        if let Err(e) = self.socket.send_to(&out, to).await {
-                            tracing::debug!(error = %e, %to, "edge UDP send error");
-                        }
+    /// The work happens on a thread of its own, a batch at a time (recvmmsg
+    /// and GRO in, GSO out): relayed datagrams of one sender to one receiver
+    /// arrive as a batch and leave as one.
+    pub async fn serve(self) {
+        let EdgeUdp {
+            socket,
+            sender,
+            hub,
+            mut outbox,
+        } = self;
+        let stop = Arc::new(AtomicBool::new(false));
+        let _guard = StopOnDrop(stop.clone());
+        let thread_stop = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name("trellis-edge-udp".into())
+            .spawn(move || run(socket, hub, &thread_stop));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the edge UDP thread");
+            return;
+        }
+        // Frames that WebSocket clients send to UDP nodes.
+        while let Some((to, datagram)) = outbox.recv().await {
+            for _ in 0..20 {
+                match sender.send_to(&datagram, to) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                }
-                Some((to, datagram)) = self.outbox.recv() => {
-                    if let Err(e) = self.socket.send_to(&datagram, to).await {
+                    Err(e) => {
                         tracing::debug!(error = %e, %to, "edge UDP send error");
+                        break;
                     }
-                }
-                _ = expire.tick() => {
-                    self.hub.expire(Instant::now());
+                    Ok(_) => break,
                 }
             }
         }
+        std::future::pending::<()>().await;
     }
+}
+
+/// The relay thread: a batch in, a batch out.
+fn run(socket: BatchSocket, hub: Arc<RelayHub>, stop: &AtomicBool) {
+    let mut bufs = RecvBufs::default();
+    let mut out = Vec::with_capacity(MAX_DATAGRAM);
+    // Replies and relayed frames of one batch, end to end, and where each goes.
+    let mut batch: Vec<u8> = Vec::with_capacity(BATCH_BYTES);
+    let mut outs: Vec<Out> = Vec::with_capacity(1024);
+    let mut last_expire = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let readable = socket.wait_readable(IDLE_POLL_MS);
+        let now = Instant::now();
+        if now.duration_since(last_expire) >= EXPIRE_INTERVAL {
+            hub.expire(now);
+            last_expire = now;
+        }
+        if !readable {
+            continue;
+        }
+        loop {
+            match socket.recv(&mut bufs) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "edge UDP receive error");
+                    continue;
+                }
+            }
+            batch.clear();
+            outs.clear();
+            let now = Instant::now();
+            for (from, datagram) in bufs.datagrams() {
+                if let Outcome::Send(to) = hub.handle_udp(now, from, datagram, &mut out) {
+                    push(&mut batch, &mut outs, to, &out);
+                }
+            }
+            socket.send_batch(&batch, &outs);
+        }
+    }
+}
+
+fn push(batch: &mut Vec<u8>, outs: &mut Vec<Out>, to: SocketAddr, bytes: &[u8]) {
+    outs.push(Out {
+        to: Some(to),
+        offset: batch.len(),
+        len: bytes.len(),
+    });
+    batch.extend_from_slice(bytes);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::UdpSocket;
     use trellis_proto::frames::{
         decode_registered, FRAME_REGISTER, FRAME_RELAY_RECV, FRAME_RELAY_SEND,
     };

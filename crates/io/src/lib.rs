@@ -9,21 +9,21 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod batch;
+
 use anyhow::Context;
-use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+pub use batch::{wait_fd, BatchSocket, Out, RecvBufs};
 use trellis_tunnel::{Action, PingError, PingResult, Tunnel, Via, MIN_BUFFER};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
 /// Packets read from the TUN device per batch.
 const TUN_BATCH: usize = 64;
-/// A GSO batch must stay at or under 64 KiB, or the kernel refuses all of it.
-const MAX_GSO_BYTES: usize = 65_000;
 /// How often the threads look at the stop flag when idle.
 const IDLE_POLL_MS: i32 = 200;
 const TIMER_TICK: Duration = Duration::from_millis(100);
@@ -56,8 +56,7 @@ struct Shared {
     tunnel: Mutex<Tunnel>,
     relay_tcp: Mutex<Option<RelayTcpSink>>,
     tun: SyncDevice,
-    udp: UdpSocket,
-    udp_state: UdpSocketState,
+    udp: BatchSocket,
     stop: AtomicBool,
     counters: Counters,
     mtu: usize,
@@ -87,20 +86,15 @@ impl DataPlane {
         tun.set_nonblocking(true)
             .context("setting the TUN device non-blocking")?;
 
-        let udp = bind_udp(config.listen_port)?;
+        let udp = BatchSocket::new(bind_udp(config.listen_port)?)
+            .context("configuring the UDP socket")?;
         let listen_port = udp.local_addr()?.port();
-        let udp_state =
-            UdpSocketState::new(UdpSockRef::from(&udp)).context("configuring the UDP socket")?;
-        // Large socket buffers absorb bursts while a thread holds the core's lock.
-        let _ = udp_state.set_recv_buffer_size(UdpSockRef::from(&udp), 4 << 20);
-        let _ = udp_state.set_send_buffer_size(UdpSockRef::from(&udp), 4 << 20);
 
         let shared = Arc::new(Shared {
             tunnel: Mutex::new(tunnel),
             relay_tcp: Mutex::new(None),
             tun,
             udp,
-            udp_state,
             stop: AtomicBool::new(false),
             counters: Counters::default(),
             mtu: config.mtu as usize,
@@ -269,88 +263,27 @@ fn bind_udp(port: u16) -> anyhow::Result<UdpSocket> {
     Ok(sock.into())
 }
 
-/// Waits until `fd` is readable (or writable), or the idle timeout passes.
-fn wait_fd(fd: RawFd, events: i16, timeout_ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    n > 0 && pfd.revents != 0
-}
-
-/// One datagram (or a GSO run of equal-size datagrams) to send: bytes in the
-/// batch buffer at `offset..offset+len`.
-#[derive(Clone, Copy)]
-struct Out {
-    /// `None`: a frame for the TCP relay.
-    to: Option<SocketAddr>,
-    offset: usize,
-    len: usize,
-}
-
-/// Sends `outs` from `buf`, merging runs that share a destination, lie end to
-/// end, and have equal sizes (the last may be shorter) into GSO sends.
+/// Sends `outs` from `buf`: UDP datagrams batched (GSO), frames for the TCP
+/// relay (no destination) to its sink.
 fn send_all(s: &Shared, buf: &[u8], outs: &[Out]) {
-    let max_segments = s.udp_state.max_gso_segments().max(1);
-    let mut i = 0;
-    while i < outs.len() {
-        let first = outs[i];
-        let Some(destination) = first.to else {
-            if let Some(sink) = s
-                .relay_tcp
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-            {
-                sink(&buf[first.offset..first.offset + first.len]);
-            }
-            i += 1;
-            continue;
-        };
-        let mut j = i + 1;
-        let mut end = first.offset + first.len;
-        while j < outs.len()
-            && j - i < max_segments
-            && outs[j].to == first.to
-            && outs[j].offset == end
-            && outs[j].len <= first.len
-            && outs[j - 1].len == first.len
-            && end + outs[j].len - first.offset <= MAX_GSO_BYTES
+    if outs.iter().any(|o| o.to.is_none()) {
+        if let Some(sink) = s
+            .relay_tcp
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
         {
-            end += outs[j].len;
-            j += 1;
-        }
-        let transmit = Transmit {
-            destination,
-            ecn: None,
-            contents: &buf[first.offset..end],
-            segment_size: (j - i > 1).then_some(first.len),
-            src_ip: None,
-        };
-        send_one(s, &transmit);
-        i = j;
-    }
-}
-
-fn send_one(s: &Shared, t: &Transmit<'_>) {
-    for _ in 0..50 {
-        match s.udp_state.try_send(UdpSockRef::from(&s.udp), t) {
-            Ok(()) => return,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                wait_fd(s.udp.as_raw_fd(), libc::POLLOUT, 10);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                s.counters.send_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %e, "UDP send failed");
-                return;
+            for o in outs.iter().filter(|o| o.to.is_none()) {
+                sink(&buf[o.offset..o.offset + o.len]);
             }
         }
     }
-    s.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+    let errors = s.udp.send_batch(buf, outs);
+    if errors > 0 {
+        s.counters
+            .send_errors
+            .fetch_add(errors as u64, Ordering::Relaxed);
+    }
 }
 
 /// TUN → encrypt → UDP.
@@ -426,40 +359,26 @@ fn tun_loop(s: &Shared) {
 
 /// UDP → decrypt → TUN.
 fn udp_loop(s: &Shared) {
-    let batch = quinn_udp::BATCH_SIZE.min(32);
-    let seg_buf = 65_536;
-    let mut recv_buf = vec![0u8; batch * seg_buf];
-    let mut meta = vec![RecvMeta::default(); batch];
+    let mut bufs = RecvBufs::default();
     // Plaintext is never longer than its ciphertext.
-    let mut plain = vec![0u8; batch * seg_buf + MIN_BUFFER];
-    let mut delivered: Vec<(usize, usize)> = Vec::with_capacity(batch * 64);
+    let mut plain = vec![0u8; quinn_udp::BATCH_SIZE * 65_536 + MIN_BUFFER];
+    let mut delivered: Vec<(usize, usize)> = Vec::with_capacity(4096);
     let mut ctrl = vec![0u8; 64 * 2048];
     let mut ctrl_outs: Vec<Out> = Vec::with_capacity(64);
-    let fd = s.udp.as_raw_fd();
     while !s.stop.load(Ordering::Relaxed) {
-        if !wait_fd(fd, libc::POLLIN, IDLE_POLL_MS) {
+        if !s.udp.wait_readable(IDLE_POLL_MS) {
             continue;
         }
         loop {
-            let n = {
-                let mut slices: Vec<io::IoSliceMut<'_>> = recv_buf
-                    .chunks_mut(seg_buf)
-                    .map(io::IoSliceMut::new)
-                    .collect();
-                match s
-                    .udp_state
-                    .recv(UdpSockRef::from(&s.udp), &mut slices, &mut meta)
-                {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        // ICMP errors from earlier sends surface here; they are not fatal.
-                        tracing::debug!(error = %e, "UDP receive error");
-                        continue;
-                    }
+            match s.udp.recv(&mut bufs) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here; they are not fatal.
+                    tracing::debug!(error = %e, "UDP receive error");
+                    continue;
                 }
-            };
+            }
             delivered.clear();
             ctrl_outs.clear();
             let mut pcur = 0;
@@ -467,16 +386,10 @@ fn udp_loop(s: &Shared) {
             {
                 let now = Instant::now();
                 let mut tunnel = lock(&s.tunnel);
-                for (i, m) in meta.iter().enumerate().take(n) {
-                    let data = &recv_buf[i * seg_buf..i * seg_buf + m.len];
-                    let stride = if m.stride == 0 {
-                        m.len.max(1)
-                    } else {
-                        m.stride
-                    };
-                    for datagram in data.chunks(stride) {
+                for (from, datagram) in bufs.datagrams() {
+                    {
                         s.counters.udp_rx_datagrams.fetch_add(1, Ordering::Relaxed);
-                        match tunnel.handle_datagram(now, m.addr, datagram, &mut plain[pcur..]) {
+                        match tunnel.handle_datagram(now, from, datagram, &mut plain[pcur..]) {
                             Action::Deliver { offset, len } => {
                                 delivered.push((pcur + offset, len));
                                 pcur += offset + len;
@@ -504,9 +417,6 @@ fn udp_loop(s: &Shared) {
                 write_tun(s, &plain[off..off + len]);
             }
             send_all(s, &ctrl, &ctrl_outs);
-            if n < batch {
-                break;
-            }
         }
     }
 }
