@@ -14,32 +14,10 @@ use std::time::{Duration, Instant};
 
 use harness::*;
 
-/// A lab with a running server on 198.18.0.1 and the operator key.
-struct Net {
-    lab: Lab,
-    srv: Server,
-    key: String,
-    next_host: u8,
-}
+/// The server lab, with the helpers these tests share.
+type Net = ServerLab;
 
-impl Net {
-    fn new() -> Option<Net> {
-        if !require_privileges() {
-            return None;
-        }
-        let lab = Lab::new();
-        let h = lab.host("server", "198.18.0.1/24");
-        let srv = lab.start_server(&h);
-        let key = srv.admin_key();
-        lab.ensure(!key.is_empty(), "admin.key is empty");
-        Some(Net {
-            lab,
-            srv,
-            key,
-            next_host: 10,
-        })
-    }
-
+impl ServerLab {
     fn token(&self, reusable: bool) -> String {
         self.lab.create_token(
             &self.srv,
@@ -48,12 +26,6 @@ impl Net {
                 ..Default::default()
             },
         )
-    }
-
-    fn new_host(&mut self, name: &str) -> Host {
-        self.next_host += 1;
-        self.lab
-            .host(name, &format!("198.18.0.{}/24", self.next_host))
     }
 
     /// New host + `trellis join` + wait until ready + echo listener.

@@ -35,38 +35,10 @@ fn lan_url() -> SocketAddr {
     SocketAddr::from((LAN_HOST, HTTP_PORT))
 }
 
-/// A lab with a running server on 198.18.0.1 and the operator key.
-struct Mesh {
-    lab: Lab,
-    srv: Server,
-    key: String,
-    next_host: u8,
-}
+/// The server lab, with the helpers these tests share.
+type Mesh = ServerLab;
 
-impl Mesh {
-    fn new() -> Option<Mesh> {
-        if !require_privileges() {
-            return None;
-        }
-        let lab = Lab::new();
-        let h = lab.host("server", "198.18.0.1/24");
-        let srv = lab.start_server(&h);
-        let key = srv.admin_key();
-        lab.ensure(!key.is_empty(), "admin.key is empty");
-        Some(Mesh {
-            lab,
-            srv,
-            key,
-            next_host: 10,
-        })
-    }
-
-    fn underlay_host(&mut self, name: &str) -> Host {
-        self.next_host += 1;
-        self.lab
-            .host(name, &format!("198.18.0.{}/24", self.next_host))
-    }
-
+impl ServerLab {
     fn token(&self, auto_approve: bool) -> String {
         self.lab.create_token(
             &self.srv,
@@ -237,9 +209,9 @@ fn lan_route(lab: &Lab, host: &Host) -> String {
 fn subnet_route_after_approval_with_snat() {
     let Some(mut m) = Mesh::new() else { return };
     let lan = make_lan(&m.lab);
-    let gwh = m.underlay_host("gw");
+    let gwh = m.new_host("gw");
     m.lab.attach(&gwh, &lan.sw, "eth1", "198.19.10.1/24");
-    let remh = m.underlay_host("remote");
+    let remh = m.new_host("remote");
     let lab = &m.lab;
 
     // Control: the gateway host itself reaches the LAN host on the LAN.
@@ -405,9 +377,9 @@ fn subnet_route_after_approval_with_snat() {
 fn subnet_route_without_snat_both_ways() {
     let Some(mut m) = Mesh::new() else { return };
     let lan = make_lan(&m.lab);
-    let gwh = m.underlay_host("gw");
+    let gwh = m.new_host("gw");
     m.lab.attach(&gwh, &lan.sw, "eth1", "198.19.10.1/24");
-    let remh = m.underlay_host("remote");
+    let remh = m.new_host("remote");
     // The LAN host sends the overlay back through the mesh node.
     m.lab
         .ip(&lan.host, &["route", "add", OVERLAY, "via", "198.19.10.1"]);
@@ -507,11 +479,11 @@ fn subnet_route_without_snat_both_ways() {
 fn subnet_route_failover() {
     let Some(mut m) = Mesh::new() else { return };
     let lan = make_lan(&m.lab);
-    let m1h = m.underlay_host("m1");
+    let m1h = m.new_host("m1");
     m.lab.attach(&m1h, &lan.sw, "eth1", "198.19.10.1/24");
-    let m2h = m.underlay_host("m2");
+    let m2h = m.new_host("m2");
     m.lab.attach(&m2h, &lan.sw, "eth1", "198.19.10.2/24");
-    let remh = m.underlay_host("remote");
+    let remh = m.new_host("remote");
     let m1_lan = Ipv4Addr::new(198, 19, 10, 1);
     let m2_lan = Ipv4Addr::new(198, 19, 10, 2);
 
@@ -731,7 +703,7 @@ fn invalid_advertise_routes_are_refused() {
     let Some(mut m) = Mesh::new() else { return };
     let tok = m.token(false);
     let url = m.srv.url.clone();
-    let h = m.underlay_host("bad");
+    let h = m.new_host("bad");
     let lab = &m.lab;
     let cases = [
         ("inside the overlay", "100.64.0.0/16", "100.64.0.0/16"),
@@ -892,10 +864,10 @@ fn names_resolve_forward_rename_isolate_restore() {
         ),
         "upstream DNS responder",
     );
-    let n1h = m.underlay_host("n1");
-    let n2h = m.underlay_host("n2");
-    let b1h = m.underlay_host("b1");
-    let n3h = m.underlay_host("n3");
+    let n1h = m.new_host("n1");
+    let n2h = m.new_host("n2");
+    let b1h = m.new_host("b1");
+    let n3h = m.new_host("n3");
     for h in [&n1h, &n2h, &b1h, &n3h] {
         m.lab.set_resolv_conf(h, ORIG_RESOLV.as_bytes());
     }

@@ -2360,3 +2360,39 @@ fn dns_answer(q: &[u8], records: &[(String, Ipv4Addr)]) -> Option<(Vec<u8>, Stri
     }
     Some((r, format!("{name} {qtype}")))
 }
+
+/// A lab with a running server on 198.18.0.1 and its operator key; hosts
+/// added with [`ServerLab::new_host`] get 198.18.0.11, .12, ... on the same switch.
+pub struct ServerLab {
+    pub lab: Lab,
+    pub srv: Server,
+    pub key: String,
+    next_host: u8,
+}
+
+impl ServerLab {
+    /// `None` (after printing why) when the machine lacks the privileges.
+    pub fn new() -> Option<ServerLab> {
+        if !require_privileges() {
+            return None;
+        }
+        let lab = Lab::new();
+        let h = lab.host("server", "198.18.0.1/24");
+        let srv = lab.start_server(&h);
+        let key = srv.admin_key();
+        lab.ensure(!key.is_empty(), "admin.key is empty");
+        Some(ServerLab {
+            lab,
+            srv,
+            key,
+            next_host: 10,
+        })
+    }
+
+    /// A new host on the server's switch.
+    pub fn new_host(&mut self, name: &str) -> Host {
+        self.next_host += 1;
+        self.lab
+            .host(name, &format!("198.18.0.{}/24", self.next_host))
+    }
+}
