@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use ipnet::Ipv4Net;
 use tokio::sync::{broadcast, mpsc, watch};
-use trellis_proto::{DnsConfig, NetworkMap, NodeKey, Peer, SelfNode, ServerMessage};
+use trellis_proto::{DnsConfig, FilterSpec, NetworkMap, NodeKey, Peer, SelfNode, ServerMessage};
 
 use crate::mesh::{pick_primaries, ApprovedRoute};
 use crate::store::{overlay_space, Account, Node};
@@ -93,6 +93,8 @@ pub struct AccountView {
     pub routes: HashMap<i64, Vec<Ipv4Net>>,
     /// The account's names.
     pub dns: Option<DnsConfig>,
+    /// The account's packet filter (policy with names resolved).
+    pub filter: Option<FilterSpec>,
 }
 
 /// The map of node `me` in `view`. None when `me` is not among the account's
@@ -125,6 +127,7 @@ pub fn build_map(view: &AccountView, me: i64) -> Option<NetworkMap> {
         peers,
         relay: None,
         dns: view.dns.clone(),
+        filter: view.filter.clone(),
     })
 }
 
@@ -134,12 +137,14 @@ pub struct Sent {
     self_node: SelfNode,
     peers: BTreeMap<NodeKey, Peer>,
     dns: Option<DnsConfig>,
+    filter: Option<FilterSpec>,
 }
 
 impl Sent {
     pub fn new(map: &NetworkMap) -> Sent {
         Sent {
             dns: map.dns.clone(),
+            filter: map.filter.clone(),
             self_node: map.self_node.clone(),
             peers: map
                 .peers
@@ -167,7 +172,15 @@ impl Sent {
             .copied()
             .collect();
         let dns = (self.dns != next.dns).then(|| next.dns.clone()).flatten();
-        if self_node.is_none() && upsert.is_empty() && remove.is_empty() && dns.is_none() {
+        let filter = (self.filter != next.filter)
+            .then(|| next.filter.clone())
+            .flatten();
+        if self_node.is_none()
+            && upsert.is_empty()
+            && remove.is_empty()
+            && dns.is_none()
+            && filter.is_none()
+        {
             return None;
         }
         *self = Sent::new(next);
@@ -177,6 +190,7 @@ impl Sent {
             remove,
             relay: None,
             dns,
+            filter,
         })
     }
 }
@@ -452,6 +466,7 @@ mod tests {
             online: online.clone(),
             routes: HashMap::new(),
             dns: None,
+            filter: None,
         }
     }
 

@@ -69,6 +69,7 @@ async fn wait_hello(ws: &mut WebSocket) -> anyhow::Result<Option<NodeMessage>> {
             Some(Err(e)) => return Err(e).context("reading the node's hello"),
             Some(Ok(Message::Text(t))) => match serde_json::from_str::<NodeMessage>(&t) {
                 Ok(m @ NodeMessage::Hello { .. }) => return Ok(Some(m)),
+                Ok(_) => tracing::debug!("ignoring a message before hello"),
                 Err(e) => {
                     tracing::warn!(error = %e, "ignoring a malformed message before hello");
                 }
@@ -82,26 +83,26 @@ async fn wait_hello(ws: &mut WebSocket) -> anyhow::Result<Option<NodeMessage>> {
 const MAX_LOCAL_ADDRS: usize = 32;
 
 fn hello_info(node: &str, msg: NodeMessage, observed: IpAddr) -> HelloInfo {
-    match msg {
-        NodeMessage::Hello {
-            listen_port,
-            mut local_addrs,
-            reflexive,
-            advertise_routes,
-            os,
-            version,
-        } => HelloInfo {
-            advertise_routes: filter_routes(node, &advertise_routes),
-            reflexive: reflexive.map(|a| SocketAddr::new(a.ip().to_canonical(), a.port())),
-            listen_port,
-            local_addrs: {
-                local_addrs.truncate(MAX_LOCAL_ADDRS);
-                local_addrs
-            },
-            observed_ip: observed.to_canonical(),
-            os: os.chars().take(64).collect(),
-            version: version.chars().take(64).collect(),
-        },
+    let NodeMessage::Hello {
+        listen_port,
+        mut local_addrs,
+        reflexive,
+        advertise_routes,
+        os,
+        version,
+    } = msg
+    else {
+        unreachable!("hello_info is only given hellos");
+    };
+    local_addrs.truncate(MAX_LOCAL_ADDRS);
+    HelloInfo {
+        advertise_routes: filter_routes(node, &advertise_routes),
+        reflexive: reflexive.map(|a| SocketAddr::new(a.ip().to_canonical(), a.port())),
+        listen_port,
+        local_addrs,
+        observed_ip: observed.to_canonical(),
+        os: os.chars().take(64).collect(),
+        version: version.chars().take(64).collect(),
     }
 }
 
@@ -145,6 +146,7 @@ pub async fn account_view(
         online,
         routes: routes_by_node(&primaries),
         dns: Some(dns),
+        filter: None,
     }))
 }
 
@@ -274,6 +276,10 @@ async fn connected(
                                 state.hub.notify(account_id);
                             }
                         }
+                        Ok(NodeMessage::Flows { seq, records }) => {
+                            // Stored and acknowledged once flow logs land (issue 5).
+                            tracing::debug!(node = %node.name, seq, n = records.len(), "flow records");
+                        }
                         Err(e) => {
                             tracing::warn!(node = %node.name, error = %e, "ignoring a malformed message");
                         }
@@ -331,6 +337,7 @@ async fn connected(
                         remove: Vec::new(),
                         relay: Some(relay),
                         dns: None,
+                        filter: None,
                     }).await?;
                 }
             }

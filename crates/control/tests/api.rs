@@ -734,6 +734,7 @@ async fn stream_gets_map_then_deltas_and_removal() {
             remove,
             relay,
             dns,
+            ..
         } => {
             assert!(relay.is_none());
             assert!(self_node.is_none());

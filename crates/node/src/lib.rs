@@ -674,12 +674,13 @@ async fn stream_once(agent: &Arc<Agent>, state: &NodeState) -> anyhow::Result<Fa
                                 agent.apply_relay(relay).await;
                                 agent.apply_dns(dns).await;
                             }
-                            ServerMessage::Delta { self_node, upsert, remove, relay, dns } => {
+                            ServerMessage::Delta { self_node, upsert, remove, relay, dns, filter: _ } => {
                                 tracing::info!(upsert = upsert.len(), remove = remove.len(), "network map update");
                                 agent.apply_delta(self_node, upsert, remove, dns.clone());
                                 agent.apply_relay(relay).await;
                                 agent.apply_dns(dns).await;
                             }
+                            ServerMessage::FlowsAck { .. } => {}
                             ServerMessage::Removed { reason } => return Ok(Fatal::Removed(reason)),
                         }
                     }

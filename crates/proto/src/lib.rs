@@ -12,6 +12,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+pub use trellis_policy::FilterSpec;
 use utoipa::ToSchema;
 
 pub mod frames;
@@ -296,6 +297,11 @@ pub enum NodeMessage {
         os: String,
         version: String,
     },
+    /// A batch of flow records. Numbered per node (`seq` grows by one per
+    /// batch and survives restarts); the server stores a batch once and
+    /// acknowledges it with [`ServerMessage::FlowsAck`]. Until then the node
+    /// keeps it on disk and sends it again after a reconnect.
+    Flows { seq: u64, records: Vec<FlowRecord> },
 }
 
 /// What the control plane tells a node.
@@ -318,7 +324,13 @@ pub enum ServerMessage {
         /// The account's names, whole, when any of them changed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dns: Option<DnsConfig>,
+        /// The account's packet filter, whole, when the policy (or a name
+        /// it refers to) changed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        filter: Option<FilterSpec>,
     },
+    /// The batch of flow records numbered `seq` is stored.
+    FlowsAck { seq: u64 },
     /// The node was removed by an admin: it must stop and not reconnect.
     Removed { reason: String },
 }
@@ -346,6 +358,10 @@ pub struct NetworkMap {
     /// The names nodes of this account resolve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsConfig>,
+    /// The account's packet filter (its policy with names resolved). Absent
+    /// from servers that predate policies: the node then allows everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<FilterSpec>,
 }
 
 /// Names inside an account: `NODE.ACCOUNT.SUFFIX` for every node, and the
@@ -391,6 +407,46 @@ pub struct Peer {
     /// Underlay candidates, best first.
     pub endpoints: Vec<SocketAddr>,
     pub online: bool,
+}
+
+/// One connection (TCP), flow (UDP) or exchange (ICMP) as a node saw it,
+/// or a rate-limited summary of denied attempts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FlowRecord {
+    /// Unix milliseconds of the first packet.
+    pub start_ms: i64,
+    /// Unix milliseconds of the last packet (or when the flow was cut).
+    pub end_ms: i64,
+    /// `tcp`, `udp`, `icmp`, or the IP protocol number.
+    pub proto: String,
+    #[schema(value_type = String)]
+    pub src_ip: Ipv4Addr,
+    pub src_port: u16,
+    #[schema(value_type = String)]
+    pub dst_ip: Ipv4Addr,
+    pub dst_port: u16,
+    /// `in` when the flow was opened towards the reporting node (or a subnet
+    /// it routes), `out` when the reporting node (or its subnet) opened it.
+    pub direction: String,
+    /// Initiator → responder.
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    /// Responder → initiator.
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    /// `direct`, `relay-udp` or `relay-tcp` (the path to the peer when the
+    /// flow began).
+    pub path: String,
+    /// `allow` or `deny`.
+    pub decision: String,
+    /// Name of the rule that decided; empty when the policy's default did.
+    pub rule: String,
+    /// For denied attempts summarised by rate limiting: how many attempts
+    /// this record stands for (1 otherwise).
+    pub count: u64,
+    /// Why the flow ended: `closed`, `reset`, `idle`, `revoked` (a policy
+    /// change denied it while open), `shutdown`, or `denied`.
+    pub end_reason: String,
 }
 
 #[cfg(test)]
