@@ -546,7 +546,9 @@ mod tests {
                 remove,
                 relay,
                 dns,
+                filter,
             }) => {
+                assert!(filter.is_none());
                 assert!(relay.is_none());
                 assert!(dns.is_none());
                 assert!(self_node.is_none());
