@@ -1025,6 +1025,8 @@ pub struct TokenOpts<'a> {
     pub api_key: Option<&'a str>,
     /// `--routes-auto-approve`.
     pub routes_auto_approve: bool,
+    /// `--tag T` for each.
+    pub tags: &'a [&'a str],
 }
 
 #[derive(Clone, Debug)]
@@ -1203,6 +1205,9 @@ impl Lab {
         }
         if opts.routes_auto_approve {
             args.push("--routes-auto-approve");
+        }
+        for t in opts.tags {
+            args.extend_from_slice(&["--tag", t]);
         }
         let out = self.admin_ok(srv, &key, &args);
         one_line(self, &out, "token create")
