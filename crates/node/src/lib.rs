@@ -2,6 +2,7 @@
 //! network map current, the data plane, and the local status socket.
 
 pub mod dns;
+pub mod flows;
 pub mod state;
 pub mod sysconf;
 
@@ -22,11 +23,12 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 use trellis_io::{DataPlane, DataPlaneConfig};
 use trellis_proto::{
-    ApiError, EnrollRequest, EnrollResponse, NetworkMap, NodeKey, NodeMessage, Peer, ServerMessage,
-    DEFAULT_MTU,
+    ApiError, EnrollRequest, EnrollResponse, FlowRecord, NetworkMap, NodeKey, NodeMessage, Peer,
+    ServerMessage, DEFAULT_MTU,
 };
 use trellis_tunnel::{PeerConfig, PublicKey, RelayStatus, StaticSecret, Tunnel};
 
+use flows::{Flows, Outbox, SpoolLimits};
 use state::{NodeState, StateDir};
 use trellis_proto::{DnsConfig, RelayInfo};
 
@@ -117,6 +119,7 @@ pub async fn run(opts: JoinOptions, shutdown: impl Future<Output = ()>) -> anyho
     }
 
     let listener = bind_status_socket(&dir).await?;
+    let flows = Flows::open(dir.path().join("flows"), SpoolLimits::default()).await?;
 
     let tunnel = Tunnel::new(key.clone(), rand::random::<u64>());
     let dp = DataPlane::start(
@@ -154,6 +157,7 @@ pub async fn run(opts: JoinOptions, shutdown: impl Future<Output = ()>) -> anyho
         dns: Arc::new(std::sync::RwLock::new(None)),
         resolver: tokio::sync::Mutex::new(None),
         roamed: tokio::sync::Notify::new(),
+        flows,
     });
     if let Some(map) = agent.dir.load_map() {
         tracing::info!(
@@ -176,12 +180,18 @@ pub async fn run(opts: JoinOptions, shutdown: impl Future<Output = ()>) -> anyho
 
     let status_task = tokio::spawn(serve_status(listener, agent.clone()));
     let relay_task = tokio::spawn(relay_tcp_loop(agent.clone(), state.clone()));
+    let flows_task = tokio::spawn(flows_loop(agent.clone()));
     let result = tokio::select! {
         r = control_loop(agent.clone(), state.clone()) => r,
         _ = shutdown => Ok(()),
     };
     status_task.abort();
     relay_task.abort();
+    flows_task.abort();
+    let _ = flows_task.await;
+    // Nothing collected in memory is lost on a clean stop: it is spooled
+    // and sent after the next start.
+    agent.flows.add_and_seal(collect_flows(&agent)).await;
     agent.dp.set_relay_tcp(None);
     agent.shutdown().await;
     let _ = std::fs::remove_file(agent.dir.socket_path());
@@ -273,6 +283,25 @@ struct Agent {
     /// Woken when this machine's addresses change, so that long-lived TCP
     /// connections bound to an old address are made again.
     roamed: tokio::sync::Notify,
+    /// Finished flows waiting on disk for the control plane's acknowledgement.
+    flows: Flows,
+}
+
+/// Finished flows since the last call, to be logged on the control plane.
+fn collect_flows(_agent: &Agent) -> Vec<FlowRecord> {
+    // wired to Tunnel::drain_flows by the integrator
+    Vec::new()
+}
+
+/// Every second, moves finished flows from the data plane into the spool
+/// (sealed as a batch, which wakes the control stream to send it).
+async fn flows_loop(agent: Arc<Agent>) {
+    let mut tick = tokio::time::interval(flows::SEAL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        agent.flows.add_and_seal(collect_flows(&agent)).await;
+    }
 }
 
 struct AgentInner {
@@ -510,6 +539,8 @@ impl Agent {
                 "disconnected"
             },
             peers,
+            flow_records_dropped: self.flows.records_dropped(),
+            flow_batches_pending: self.flows.batches_pending(),
         }
     }
 }
@@ -530,6 +561,10 @@ pub struct Status {
     /// The address the edge sees this node's WireGuard socket at.
     pub reflexive: Option<String>,
     pub peers: Vec<PeerStatusJson>,
+    /// Flow records deleted unsent because the spool was full (since start).
+    pub flow_records_dropped: u64,
+    /// Batches of flow records on disk, not yet acknowledged by the control plane.
+    pub flow_batches_pending: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -554,9 +589,11 @@ enum Fatal {
 
 async fn control_loop(agent: Arc<Agent>, state: NodeState) -> anyhow::Result<()> {
     let mut backoff = RECONNECT_MIN;
+    let mut outbox = Outbox::new(flows::IN_FLIGHT);
     loop {
         let started = Instant::now();
-        match stream_once(&agent, &state).await {
+        outbox.reconnect();
+        match stream_once(&agent, &state, &mut outbox).await {
             Ok(fatal) => {
                 agent.lock().connected = false;
                 return Err(match fatal {
@@ -615,7 +652,11 @@ fn hello(
 }
 
 /// One connection of the control stream. `Ok` only for a reason to stop for good.
-async fn stream_once(agent: &Arc<Agent>, state: &NodeState) -> anyhow::Result<Fatal> {
+async fn stream_once(
+    agent: &Arc<Agent>,
+    state: &NodeState,
+    outbox: &mut Outbox,
+) -> anyhow::Result<Fatal> {
     let mut req = stream_url(&state.server).into_client_request()?;
     req.headers_mut().insert(
         "authorization",
@@ -646,10 +687,13 @@ async fn stream_once(agent: &Arc<Agent>, state: &NodeState) -> anyhow::Result<Fa
     tx.send(hello(agent, &addrs, reflexive)?).await?;
     agent.lock().connected = true;
     tracing::info!(server = %state.server, "control stream connected");
+    // Flow batches spooled while disconnected (or before a restart) go first.
+    send_flows(agent, outbox, &mut tx).await?;
     let mut check = tokio::time::interval(LOCAL_ADDR_CHECK);
     check.tick().await;
     loop {
         tokio::select! {
+            _ = agent.flows.sealed().notified() => send_flows(agent, outbox, &mut tx).await?,
             msg = tokio::time::timeout(STREAM_IDLE_TIMEOUT, rx.next()) => {
                 let msg = match msg {
                     Err(_) => bail!("no word from the control plane for {STREAM_IDLE_TIMEOUT:?}"),
@@ -680,7 +724,11 @@ async fn stream_once(agent: &Arc<Agent>, state: &NodeState) -> anyhow::Result<Fa
                                 agent.apply_relay(relay).await;
                                 agent.apply_dns(dns).await;
                             }
-                            ServerMessage::FlowsAck { .. } => {}
+                            ServerMessage::FlowsAck { seq } => {
+                                if agent.flows.ack(outbox, seq).await? {
+                                    send_flows(agent, outbox, &mut tx).await?;
+                                }
+                            }
                             ServerMessage::Removed { reason } => return Ok(Fatal::Removed(reason)),
                         }
                     }
@@ -711,6 +759,21 @@ async fn stream_once(agent: &Arc<Agent>, state: &NodeState) -> anyhow::Result<Fa
             }
         }
     }
+}
+
+/// Sends the flow batches the window has room for, oldest first.
+async fn send_flows<S>(agent: &Agent, outbox: &mut Outbox, tx: &mut S) -> anyhow::Result<()>
+where
+    S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
+{
+    for (seq, records) in agent.flows.next_batches(outbox).await? {
+        let n = records.len();
+        let m = NodeMessage::Flows { seq, records };
+        tx.send(Message::Text(serde_json::to_string(&m)?.into()))
+            .await?;
+        tracing::debug!(seq, records = n, "flow records sent");
+    }
+    Ok(())
 }
 
 /// Keeps the TCP relay (a WebSocket to the edge on the server's HTTP port)
