@@ -1206,4 +1206,6 @@ impl Tunnel {
 }
 
 #[cfg(test)]
+mod testpkt;
+#[cfg(test)]
 mod tests;
