@@ -46,7 +46,10 @@ use trellis_proto::frames::{
 };
 
 use conntrack::{ConnTrack, Side};
-pub use conntrack::{FlowDirection, FlowEnd, FlowStats, DEFAULT_MAX_FLOWS};
+pub use conntrack::{
+    FlowDirection, FlowEnd, FlowStats, CLOSE_GRACE, DEFAULT_MAX_FLOWS, ICMP_IDLE, TCP_IDLE,
+    UDP_IDLE,
+};
 use disco::{Kind, PairKey};
 use routes::RouteTable;
 use session::{Session, SessionError, SessionOutput, SessionStats};

@@ -35,7 +35,13 @@ fn ssh_only() -> Arc<Filter> {
     Arc::new(Filter::compile(&FilterSpec {
         default_allow: false,
         rules: vec![
-            rule("ssh", true, "100.64.0.2/32", "100.64.0.3/32", vec![tcp_port(22)]),
+            rule(
+                "ssh",
+                true,
+                "100.64.0.2/32",
+                "100.64.0.3/32",
+                vec![tcp_port(22)],
+            ),
             dns_rule(),
         ],
     }))
@@ -148,7 +154,7 @@ fn tcp_close_gives_one_record_with_counters_each_way() {
     inn(&mut c, ms(4), &tcp(B, 22, A, 40000, PSH | ACK, 300)).unwrap(); // 340
     out(&mut c, ms(5), &tcp(A, 40000, B, 22, FIN | ACK, 0)).unwrap(); // 40
     inn(&mut c, ms(6), &tcp(B, 22, A, 40000, FIN | ACK, 0)).unwrap(); // 40
-    // The last ACK passes during the grace period.
+                                                                      // The last ACK passes during the grace period.
     out(&mut c, ms(7), &tcp(A, 40000, B, 22, ACK, 0)).unwrap(); // 40
     c.sweep(ms(500));
     assert!(drain(&mut c).is_empty(), "still in its grace period");
@@ -254,7 +260,10 @@ fn udp_flow_ends_after_30_idle_seconds() {
     assert_eq!(r.end_reason, "idle");
     assert_eq!((r.start, r.end), (s(0), s(20)), "ends at its last packet");
     assert_eq!(r.proto, PROTO_UDP);
-    assert_eq!((r.packets_out, r.bytes_out, r.packets_in, r.bytes_in), (1, 58, 1, 128));
+    assert_eq!(
+        (r.packets_out, r.bytes_out, r.packets_in, r.bytes_in),
+        (1, 58, 1, 128)
+    );
     assert_eq!(c.stats().entries, 0);
     // ICMP idles out after 10 s.
     out(&mut c, s(60), &icmp_echo(A, B, 8, 9)).unwrap();
@@ -283,7 +292,10 @@ fn full_table_drops_new_flows_until_one_expires() {
     // Tracked flows still pass.
     assert_eq!(inn(&mut c, t0, &udp(B, 53, A, 2, 0)), Ok(()));
     let st = c.stats();
-    assert_eq!((st.entries, st.max_entries, st.dropped_table_full), (3, 3, 2));
+    assert_eq!(
+        (st.entries, st.max_entries, st.dropped_table_full),
+        (3, 3, 2)
+    );
     // Once some expired, a new flow takes a place at once (no sweep needed).
     let later = t0 + UDP_IDLE;
     assert_eq!(out(&mut c, later, &udp(A, 4, B, 53, 0)), Ok(()));
