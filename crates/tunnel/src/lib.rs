@@ -25,6 +25,7 @@
 //! path. A direct path in use is heart-beaten every [`HEARTBEAT_INTERVAL`];
 //! when it stays silent for [`DIRECT_TIMEOUT`], traffic goes back to the relay.
 
+pub mod conntrack;
 pub mod disco;
 pub mod routes;
 pub mod session;
@@ -44,6 +45,11 @@ use trellis_proto::frames::{
     PEER_FRAME_LEN, RELAY_HEADER,
 };
 
+use conntrack::{ConnTrack, Side};
+pub use conntrack::{
+    FlowDirection, FlowEnd, FlowStats, CLOSE_GRACE, DEFAULT_MAX_FLOWS, ICMP_IDLE, TCP_IDLE,
+    UDP_IDLE,
+};
 use disco::{Kind, PairKey};
 use routes::RouteTable;
 use session::{Session, SessionError, SessionOutput, SessionStats};
@@ -174,6 +180,12 @@ pub enum DropReason {
     BadProbe,
     #[error("rejected by the session: {0}")]
     Rejected(SessionError),
+    #[error("denied by policy")]
+    Denied,
+    #[error("not part of a tracked connection (and cannot open one)")]
+    NoConnection,
+    #[error("connection table full")]
+    TableFull,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -340,6 +352,8 @@ pub struct Tunnel {
     reflexive: Option<SocketAddr>,
     txid_state: u64,
     pings: HashMap<u64, ([u8; 32], Instant, Option<PingResult>)>,
+    /// Packet filter and flow accounting.
+    conntrack: ConnTrack,
 }
 
 fn ipv4_addr(b: &[u8]) -> Ipv4Addr {
@@ -408,6 +422,7 @@ impl Tunnel {
             reflexive: None,
             txid_state: seed | 1,
             pings: HashMap::new(),
+            conntrack: ConnTrack::new(seed),
         }
     }
 
@@ -599,6 +614,42 @@ impl Tunnel {
         }
     }
 
+    /// Replaces the packet filter (before any call: allow everything).
+    /// Every open connection is decided again with `filter`, as it was when
+    /// it opened (initiator → responder, protocol, destination port); those
+    /// now denied end at once (`revoked`, their records are emitted) and
+    /// their later packets are dropped.
+    pub fn set_filter(&mut self, now: Instant, filter: Arc<trellis_policy::Filter>) {
+        self.conntrack.set_filter(now, filter);
+    }
+
+    /// The filter in force.
+    pub fn filter(&self) -> &Arc<trellis_policy::Filter> {
+        self.conntrack.filter()
+    }
+
+    /// At most this many connections are tracked (default
+    /// [`DEFAULT_MAX_FLOWS`]); when full, new ones are dropped and counted.
+    pub fn set_max_flows(&mut self, max: usize) {
+        self.conntrack.set_max_flows(max);
+    }
+
+    /// Moves the finished flow records (and records of denied attempts) into `out`.
+    pub fn drain_flows(&mut self, out: &mut Vec<FlowEnd>) {
+        self.conntrack.drain(out);
+    }
+
+    /// Ends every open connection (`shutdown`) and records pending denied
+    /// attempts; call when the node stops, then [`Tunnel::drain_flows`].
+    pub fn close_all_flows(&mut self, now: Instant) {
+        self.conntrack.close_all(now);
+    }
+
+    /// Counters of the connection table and the filter, for status.
+    pub fn flow_stats(&self) -> FlowStats {
+        self.conntrack.stats()
+    }
+
     pub fn peer_count(&self) -> usize {
         self.peers.len()
     }
@@ -615,10 +666,18 @@ impl Tunnel {
         };
         let relay = self.relay_path(now);
         let peer = self.peers.get_mut(&id).expect("routes point at live peers");
-        peer.last_activity = Some(now);
         let Some(path) = peer.path(now, relay) else {
+            peer.last_activity = Some(now);
             return Action::Drop(DropReason::NoPath);
         };
+        // The filter, on the plaintext: a denied packet fails fast here.
+        if let Err(r) =
+            self.conntrack
+                .check(now, packet, Side::Egress, &peer.config.public_key, path)
+        {
+            return Action::Drop(r);
+        }
+        peer.last_activity = Some(now);
         // Direct datagrams start at offset 0 so that a batch lies end to end (GSO);
         // relayed ones leave room for the relay header.
         let head = match path {
@@ -903,6 +962,23 @@ impl Tunnel {
         if let Source::Udp(from) = src {
             peer.confirm_direct(now, from);
         }
+        if let Action::Deliver { offset, len } = action {
+            // The filter, on the decrypted packet, whether it is for this
+            // node or for a subnet behind it.
+            let path = peer.path(now, relay).unwrap_or(match src {
+                Source::Udp(from) => Path::Direct(from),
+                Source::Relay(_) => Path::RelayTcp,
+            });
+            if let Err(r) = self.conntrack.check(
+                now,
+                &out[offset..offset + len],
+                Side::Ingress,
+                &peer.config.public_key,
+                path,
+            ) {
+                return Action::Drop(r);
+            }
+        }
         action
     }
 
@@ -984,6 +1060,7 @@ impl Tunnel {
         }
         self.pings
             .retain(|_, p| now.saturating_duration_since(p.1) < PING_TIMEOUT);
+        self.conntrack.sweep(now);
 
         // Register with the edge: often until it answers, then to keep the NAT mapping.
         if let Some(r) = self.relay.as_mut() {
@@ -1131,5 +1208,7 @@ impl Tunnel {
     }
 }
 
+#[cfg(test)]
+mod testpkt;
 #[cfg(test)]
 mod tests;

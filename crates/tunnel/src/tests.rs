@@ -745,3 +745,204 @@ fn roaming_falls_back_to_the_relay_at_once_and_the_peer_follows() {
         "b reached a at its new address"
     );
 }
+
+// ---- Packet filter and flow records through the whole core ----
+
+use crate::testpkt::{tcp, udp, ACK, FIN, PSH, RST, SYN};
+use trellis_policy::{Filter, FilterRule, FilterSpec, PortRange, PROTO_TCP};
+
+const A_IP: &str = "100.64.0.2";
+const B_IP: &str = "100.64.0.3";
+
+fn filter(default_allow: bool, rules: Vec<FilterRule>) -> Arc<Filter> {
+    Arc::new(Filter::compile(&FilterSpec {
+        default_allow,
+        rules,
+    }))
+}
+
+/// `name`: a → b on TCP `port`, allowed or denied.
+fn a_to_b_tcp(name: &str, allow: bool, port: u16) -> FilterRule {
+    FilterRule {
+        name: name.into(),
+        allow,
+        src: vec![net("100.64.0.2/32")],
+        dst: vec![net("100.64.0.3/32")],
+        ports: vec![PortRange {
+            proto: Some(PROTO_TCP),
+            lo: port,
+            hi: port,
+        }],
+    }
+}
+
+fn flows(n: &mut Node) -> Vec<FlowEnd> {
+    let mut v = vec![];
+    n.tunnel.drain_flows(&mut v);
+    v
+}
+
+#[test]
+fn denied_syn_fails_fast_at_the_sender() {
+    let (mut a, mut b, now) = pair();
+    a.tunnel
+        .set_filter(now, filter(true, vec![a_to_b_tcp("no-ssh", false, 22)]));
+    let mut wire = vec![];
+    a.send_ip(now, &tcp(A_IP, 40000, B_IP, 22, SYN, 0), &mut wire);
+    assert_eq!(a.drops, vec![DropReason::Denied]);
+    assert!(wire.is_empty(), "not even a handshake goes out");
+    let recs = flows(&mut a);
+    assert_eq!(recs.len(), 1);
+    assert!(!recs[0].allow);
+    assert_eq!(recs[0].rule.as_deref(), Some("no-ssh"));
+    assert_eq!(recs[0].direction, FlowDirection::Out);
+    assert_eq!(recs[0].peer, pubkey(2));
+    assert_eq!(a.tunnel.flow_stats().dropped_by_policy, 1);
+    // Other traffic still flows.
+    let web = tcp(A_IP, 40001, B_IP, 80, SYN, 0);
+    a.send_ip(now, &web, &mut wire);
+    run(now, &mut [&mut a, &mut b], &mut wire);
+    assert_eq!(b.delivered, vec![web]);
+}
+
+#[test]
+fn denied_syn_is_dropped_at_the_receiver_when_the_sender_allows_it() {
+    let (mut a, mut b, now) = pair();
+    b.tunnel
+        .set_filter(now, filter(true, vec![a_to_b_tcp("no-ssh", false, 22)]));
+    let mut wire = vec![];
+    a.send_ip(now, &tcp(A_IP, 40000, B_IP, 22, SYN, 0), &mut wire);
+    run(now, &mut [&mut a, &mut b], &mut wire);
+    assert!(b.delivered.is_empty());
+    assert_eq!(b.drops, vec![DropReason::Denied]);
+    let recs = flows(&mut b);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].direction, FlowDirection::In);
+    assert_eq!(recs[0].end_reason, "denied");
+    assert_eq!(recs[0].path, Path::Direct(A_UL.parse().unwrap()));
+    assert_eq!(recs[0].peer, pubkey(1));
+    assert_eq!(a.tunnel.flow_stats().entries, 1, "a let it out");
+}
+
+#[test]
+fn allowed_flow_and_its_reply_pass_until_a_policy_change_revokes_it() {
+    let (mut a, mut b, now) = pair();
+    // b: only a → b:22. The reverse direction alone would be denied.
+    b.tunnel
+        .set_filter(now, filter(false, vec![a_to_b_tcp("ssh", true, 22)]));
+    let mut wire = vec![];
+    let exchange = |a: &mut Node, b: &mut Node, t: Instant, from_a: &[u8], from_b: &[u8]| {
+        let mut wire = vec![];
+        a.send_ip(t, from_a, &mut wire);
+        run(t, &mut [&mut *a, &mut *b], &mut wire);
+        b.send_ip(t, from_b, &mut wire);
+        run(t, &mut [&mut *a, &mut *b], &mut wire);
+    };
+    let syn = tcp(A_IP, 40000, B_IP, 22, SYN, 0);
+    let synack = tcp(B_IP, 22, A_IP, 40000, SYN | ACK, 0);
+    exchange(&mut a, &mut b, now, &syn, &synack);
+    let data_a = tcp(A_IP, 40000, B_IP, 22, PSH | ACK, 50);
+    let data_b = tcp(B_IP, 22, A_IP, 40000, PSH | ACK, 70);
+    exchange(&mut a, &mut b, now, &data_a, &data_b);
+    assert_eq!(b.delivered, vec![syn, data_a.clone()]);
+    assert_eq!(a.delivered, vec![synack, data_b.clone()]);
+    assert!(b.drops.is_empty() && a.drops.is_empty());
+    // b opening its own connection to a is denied.
+    b.send_ip(now, &tcp(B_IP, 22, A_IP, 40001, SYN, 0), &mut wire);
+    assert_eq!(b.drops, vec![DropReason::Denied]);
+    let _ = flows(&mut b);
+
+    // The policy changes: the open connection is cut at once.
+    let t1 = now + Duration::from_millis(200);
+    b.tunnel.set_filter(t1, filter(false, vec![]));
+    let recs = flows(&mut b);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].end_reason, "revoked");
+    assert_eq!(recs[0].end, t1);
+    assert_eq!((recs[0].packets_out, recs[0].packets_in), (2, 2));
+    assert_eq!(recs[0].rule.as_deref(), Some("ssh"));
+    exchange(&mut a, &mut b, t1, &data_a, &data_b);
+    assert_eq!(b.delivered.len(), 2, "a's next packet is dropped at b");
+    assert_eq!(a.delivered.len(), 2, "b's next packet never leaves b");
+    assert_eq!(
+        &b.drops[1..],
+        &[DropReason::NoConnection, DropReason::NoConnection]
+    );
+}
+
+#[test]
+fn tcp_close_and_reset_over_the_relay_give_one_record_each_on_both_nodes() {
+    let (mut a, mut b, mut now) = relayed_pair();
+    let mut edge = Edge::default();
+    let blocked = [(a.addr, b.addr)];
+    tick_all(now, &mut a, &mut b, &mut edge, &blocked);
+    let mut wire = vec![];
+    let (ap, bp) = (40000, 8080);
+    let script: [(bool, u8, usize); 8] = [
+        (true, SYN, 0),
+        (false, SYN | ACK, 0),
+        (true, ACK, 0),
+        (true, PSH | ACK, 500),
+        (false, PSH | ACK, 1200),
+        (true, FIN | ACK, 0),
+        (false, FIN | ACK, 0),
+        (true, ACK, 0),
+    ];
+    for (from_a, flags, data) in script {
+        if from_a {
+            a.send_ip(now, &tcp(A_IP, ap, B_IP, bp, flags, data), &mut wire);
+        } else {
+            b.send_ip(now, &tcp(B_IP, bp, A_IP, ap, flags, data), &mut wire);
+        }
+        run_sim(now, &mut [&mut a, &mut b], &mut edge, &blocked, &mut wire);
+    }
+    assert_eq!(b.delivered.len(), 5);
+    assert_eq!(a.delivered.len(), 3);
+    // A second connection, reset by b.
+    a.send_ip(now, &tcp(A_IP, ap + 1, B_IP, bp, SYN, 0), &mut wire);
+    run_sim(now, &mut [&mut a, &mut b], &mut edge, &blocked, &mut wire);
+    b.send_ip(now, &tcp(B_IP, bp, A_IP, ap + 1, RST | ACK, 0), &mut wire);
+    run_sim(now, &mut [&mut a, &mut b], &mut edge, &blocked, &mut wire);
+    assert!(a.drops.is_empty() && b.drops.is_empty());
+
+    now += Duration::from_millis(1100);
+    tick_all(now, &mut a, &mut b, &mut edge, &blocked);
+    for (node, dir) in [(&mut a, FlowDirection::Out), (&mut b, FlowDirection::In)] {
+        let mut recs = flows(node);
+        recs.sort_by_key(|r| r.src_port);
+        assert_eq!(recs.len(), 2, "{recs:?}");
+        let (closed, reset) = (&recs[0], &recs[1]);
+        assert_eq!(closed.end_reason, "closed");
+        assert_eq!(closed.direction, dir);
+        assert_eq!(closed.path.kind(), "relay-udp");
+        assert_eq!((closed.src_port, closed.dst_port), (ap, bp));
+        assert_eq!((closed.packets_out, closed.bytes_out), (5, 40 * 4 + 540));
+        assert_eq!((closed.packets_in, closed.bytes_in), (3, 40 * 2 + 1240));
+        assert_eq!(reset.end_reason, "reset");
+        assert_eq!((reset.packets_out, reset.packets_in), (1, 1));
+        assert_eq!(reset.path.kind(), "relay-udp");
+    }
+    assert_eq!(a.tunnel.flow_stats().entries, 0);
+    assert_eq!(b.tunnel.flow_stats().entries, 0);
+}
+
+#[test]
+fn udp_flow_idles_out_from_the_timers_and_shutdown_ends_the_rest() {
+    let (mut a, mut b, now) = pair();
+    let mut wire = vec![];
+    a.send_ip(now, &udp(A_IP, 5353, B_IP, 53, 10), &mut wire);
+    run(now, &mut [&mut a, &mut b], &mut wire);
+    let t1 = now + Duration::from_secs(20);
+    a.send_ip(t1, &tcp(A_IP, 1, B_IP, 22, SYN, 0), &mut wire);
+    run(t1, &mut [&mut a, &mut b], &mut wire);
+    let t2 = now + UDP_IDLE;
+    a.tick(t2, &mut wire);
+    wire.clear();
+    let recs = flows(&mut a);
+    assert_eq!(recs.len(), 1);
+    assert_eq!((recs[0].end_reason, recs[0].proto), ("idle", 17));
+    a.tunnel.close_all_flows(t2);
+    let recs = flows(&mut a);
+    assert_eq!(recs.len(), 1);
+    assert_eq!((recs[0].end_reason, recs[0].end), ("shutdown", t2));
+}
