@@ -55,7 +55,9 @@ pub fn now_ms() -> i64 {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let bad = || {
-        format!("invalid duration {s:?}: use a number followed by s, m, h or d, e.g. 30d, 12h or 10m")
+        format!(
+            "invalid duration {s:?}: use a number followed by s, m, h or d, e.g. 30d, 12h or 10m"
+        )
     };
     let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
     let (num, unit) = t.split_at(split);
@@ -680,7 +682,7 @@ pub async fn list_flows(
     let limit = p.limit()?;
     let before = p.before_id()?;
     if wants_jsonl(&p, &headers)? {
-        return Ok(export(st.store, admin.account.id, filter, before).await?);
+        return export(st.store, admin.account.id, filter, before).await;
     }
     let records = st
         .store
@@ -718,7 +720,12 @@ async fn export(
                 return None;
             }
             let page = store
-                .query_flows(account_id, &filter, Cursor::After { after, upto }, EXPORT_PAGE)
+                .query_flows(
+                    account_id,
+                    &filter,
+                    Cursor::After { after, upto },
+                    EXPORT_PAGE,
+                )
                 .await;
             match page {
                 Err(e) => {
@@ -862,15 +869,24 @@ mod tests {
 
     #[test]
     fn durations_and_times() {
-        assert_eq!(parse_duration("30d").unwrap(), Duration::from_secs(30 * 86_400));
-        assert_eq!(parse_duration("12h").unwrap(), Duration::from_secs(12 * 3600));
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86_400)
+        );
+        assert_eq!(
+            parse_duration("12h").unwrap(),
+            Duration::from_secs(12 * 3600)
+        );
         assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
         for bad in ["", "7", "d", "1w", "-1d", "1.5h", "99999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
         assert!(parse_duration("1w").unwrap_err().contains("30d"));
         assert_eq!(parse_time("since", "10m", 1_000_000).unwrap(), 400_000);
-        assert_eq!(parse_time("since", "1700000000", 0).unwrap(), 1_700_000_000_000);
+        assert_eq!(
+            parse_time("since", "1700000000", 0).unwrap(),
+            1_700_000_000_000
+        );
         assert!(parse_time("since", "yesterday", 0)
             .unwrap_err()
             .contains("since"));
@@ -885,7 +901,9 @@ mod tests {
         assert_eq!(ok[0].count, 1);
         let mut r = rec();
         r.decision = "maybe".into();
-        assert!(validate_batch(&[rec(), r]).unwrap_err().contains("record 1"));
+        assert!(validate_batch(&[rec(), r])
+            .unwrap_err()
+            .contains("record 1"));
         let mut r = rec();
         r.end_ms = 0;
         assert!(validate_batch(&[r]).is_err());
@@ -894,6 +912,9 @@ mod tests {
         assert!(validate_batch(&[r]).is_err());
         let many = vec![rec(); MAX_BATCH + 1];
         assert!(validate_batch(&many).unwrap_err().contains("5000"));
-        assert_eq!(validate_batch(&vec![rec(); MAX_BATCH]).unwrap().len(), MAX_BATCH);
+        assert_eq!(
+            validate_batch(&vec![rec(); MAX_BATCH]).unwrap().len(),
+            MAX_BATCH
+        );
     }
 }

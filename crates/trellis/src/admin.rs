@@ -384,7 +384,10 @@ fn with_query(path: &str, q: &str) -> String {
 
 async fn flows(c: &Client, args: &FlowsArgs, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     if !(1..=1000).contains(&args.limit) {
-        bail!("invalid --limit {}: give a number from 1 to 1000", args.limit);
+        bail!(
+            "invalid --limit {}: give a number from 1 to 1000",
+            args.limit
+        );
     }
     let q = flow_query(args)?;
     // Subscribe before reading the history, so nothing falls between the two.
@@ -421,7 +424,9 @@ async fn flows(c: &Client, args: &FlowsArgs, out: &mut impl std::io::Write) -> a
     while let Some(chunk) = resp.chunk().await.context("reading the live flow stream")? {
         for (event, data) in sse.push(&chunk) {
             match event.as_str() {
-                "lagged" => eprintln!("warning: this client fell behind; some records were skipped ({data})"),
+                "lagged" => eprintln!(
+                    "warning: this client fell behind; some records were skipped ({data})"
+                ),
                 "" | "message" => {
                     let r: FlowLogRecord = serde_json::from_str(&data)
                         .context("the server sent a flow record that was not understood")?;
@@ -681,8 +686,100 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("no DNS record named"), "{e}");
 
+        // Flow logs: an empty table, and bad filters refused (here or by the server).
+        let args = FlowsArgs {
+            since: Some("10m".into()),
+            node: Some("router".into()),
+            decision: Some("deny".into()),
+            proto: None,
+            limit: 100,
+            json: false,
+            follow: false,
+        };
+        let mut out = Vec::new();
+        flows(&c, &args, &mut out).await.unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.starts_with("TIME"), "{text}");
+        let e = flows(
+            &c,
+            &FlowsArgs {
+                decision: Some("maybe".into()),
+                ..args.clone()
+            },
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("--decision"), "{e}");
+        let e = flows(
+            &c,
+            &FlowsArgs {
+                since: Some("yesterday".into()),
+                ..args.clone()
+            },
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("invalid since"), "{e}");
+
         let _ = stop.send(());
         task.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn flow_lines_and_sse_events() {
+        let r = FlowLogRecord {
+            id: 7,
+            node: "web".into(),
+            start_ms: 1_700_000_000_123,
+            end_ms: 1_700_000_005_000,
+            proto: "tcp".into(),
+            src_ip: "100.64.0.2".parse().unwrap(),
+            src_port: 51000,
+            src_node: "web".into(),
+            dst_ip: "198.19.10.5".parse().unwrap(),
+            dst_port: 5432,
+            dst_node: String::new(),
+            direction: "out".into(),
+            packets_out: 3,
+            bytes_out: 300,
+            packets_in: 4,
+            bytes_in: 3 * 1024 * 1024,
+            path: "relay-udp".into(),
+            decision: "deny".into(),
+            rule: "no-db".into(),
+            count: 4,
+            end_reason: "denied".into(),
+        };
+        let line = flow_line(&r);
+        for part in [
+            "2023-11-14T22:13:20Z",
+            "web 100.64.0.2:51000",
+            "→ 198.19.10.5:5432",
+            "relay-udp",
+            "deny no-db ×4",
+            "300B/3.0M",
+            "denied",
+        ] {
+            assert!(line.contains(part), "{part:?} missing from {line}");
+        }
+        let mut out = Vec::new();
+        print_flow(&mut out, &r, true).unwrap();
+        let back: FlowLogRecord = serde_json::from_slice(&out).unwrap();
+        assert_eq!(back, r);
+
+        let mut p = SseParser::default();
+        assert!(p.push(b": keep-alive\n\ndata: {\"a\"").is_empty());
+        let ev = p.push(b":1}\n\nevent: lagged\ndata: {\"missed_batches\":3}\n\n");
+        assert_eq!(
+            ev,
+            vec![
+                (String::new(), "{\"a\":1}".to_string()),
+                ("lagged".to_string(), "{\"missed_batches\":3}".to_string())
+            ]
+        );
     }
 
     #[test]

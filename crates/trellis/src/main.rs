@@ -508,8 +508,17 @@ mod tests {
             &["trellis", "server", "--flow-retention", "7d"],
             &["trellis", "logs", "flows"],
             &[
-                "trellis", "logs", "flows", "--since", "10m", "--node", "db", "--decision", "deny",
-                "--json", "--follow",
+                "trellis",
+                "logs",
+                "flows",
+                "--since",
+                "10m",
+                "--node",
+                "db",
+                "--decision",
+                "deny",
+                "--json",
+                "--follow",
             ],
         ] {
             assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
