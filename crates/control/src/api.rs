@@ -40,6 +40,8 @@ pub struct AppState {
     pub relay: Arc<Relay>,
     /// Suffix of every account's domain (`ACCOUNT.SUFFIX`).
     pub dns_suffix: Arc<str>,
+    /// Live feed of newly stored flow records.
+    pub flows: Arc<crate::flows::FlowBus>,
 }
 
 /// Unix seconds now.
@@ -681,8 +683,9 @@ async fn node_auth(st: &AppState, headers: &HeaderMap) -> Result<Node, ApiErr> {
     Ok(node)
 }
 
-/// Largest control-stream message a node may send.
-const MAX_STREAM_MESSAGE: usize = 64 * 1024;
+/// Largest control-stream message a node may send: a full batch of flow
+/// records (5,000 of them, a few hundred bytes each) fits.
+const MAX_STREAM_MESSAGE: usize = 4 * 1024 * 1024;
 /// Largest relay message: a relay header and a whole UDP payload.
 const MAX_RELAY_MESSAGE: usize = trellis_proto::frames::RELAY_HEADER + 65_535;
 
@@ -717,10 +720,11 @@ impl Modify for BearerAuth {
     info(title = "Trellis control plane", description = "Accounts, join tokens, nodes, subnet routes, DNS names and the node control stream of a Trellis mesh."),
     paths(health, openapi_json, create_account, list_accounts, create_token, list_nodes,
         delete_node, rename_node, list_routes, approve_route, list_dns, add_dns, delete_dns,
-        enroll, node_stream, relay_ws),
+        enroll, node_stream, relay_ws, crate::flows::list_flows, crate::flows::stream_flows),
     components(schemas(ApiError, AccountInfo, CreateAccountRequest, CreateAccountResponse,
         CreateTokenRequest, CreateTokenResponse, NodeInfo, EnrollRequest, EnrollResponse,
-        RouteInfo, ApproveRouteRequest, DnsRecordInfo, RenameNodeRequest)),
+        RouteInfo, ApproveRouteRequest, DnsRecordInfo, RenameNodeRequest,
+        trellis_proto::FlowLogPage, trellis_proto::FlowLogRecord)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -741,6 +745,8 @@ pub fn router(state: AppState) -> Router {
         .route("/enroll", post(enroll))
         .route("/node/stream", get(node_stream))
         .route("/relay", get(relay_ws))
+        .route("/logs/flows", get(crate::flows::list_flows))
+        .route("/logs/flows/stream", get(crate::flows::stream_flows))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     Router::new().nest("/api/v1", api).with_state(state)

@@ -10,6 +10,7 @@
 //!     public_url: None,
 //!     edge_udp: Some("0.0.0.0:3478".parse()?),
 //!     dns_suffix: trellis_control::DEFAULT_DNS_SUFFIX.into(),
+//!     flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
 //! })
 //! .await?;
 //! println!("{}", server.url());
@@ -18,6 +19,7 @@
 //! ```
 
 pub mod api;
+pub mod flows;
 pub mod map;
 pub mod mesh;
 pub mod relay;
@@ -68,6 +70,10 @@ pub struct Config {
     /// Suffix of every account's domain: nodes resolve `NODE.ACCOUNT.SUFFIX`
     /// (default [`DEFAULT_DNS_SUFFIX`]). Lower-case DNS labels separated by dots.
     pub dns_suffix: String,
+    /// How long flow records are kept (by the time each flow ended); older
+    /// ones are deleted at start and hourly. Default
+    /// [`flows::DEFAULT_FLOW_RETENTION`] (30 days).
+    pub flow_retention: Duration,
 }
 
 /// A started control plane: database open, listener bound, not yet serving.
@@ -88,6 +94,9 @@ impl Server {
     /// (0600) likewise, binds the TCP listener and, if configured, the edge's UDP port.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
         mesh::validate_dns_suffix(&config.dns_suffix).map_err(|e| anyhow::anyhow!(e))?;
+        if config.flow_retention.is_zero() {
+            anyhow::bail!("the flow-log retention must be longer than zero, e.g. 30d");
+        }
         let dir = &config.data_dir;
         if !dir.exists() {
             DirBuilder::new()
@@ -154,6 +163,7 @@ impl Server {
                 store,
                 hub: Arc::new(Hub::new()),
                 dns_suffix,
+                flows: Arc::new(flows::FlowBus::new()),
                 relay: Arc::new(Relay {
                     hub: relay_hub,
                     udp,
@@ -196,6 +206,7 @@ impl Server {
         let hub = self.state.hub.clone();
         let hub_after = self.state.hub.clone();
         let store = self.state.store.clone();
+        let retention = flows::spawn_retention(store.clone(), self.config.flow_retention);
         let app = api::router(self.state);
         tracing::info!(addr = %self.local_addr, "control plane listening");
         let edge_task = self.edge.map(|edge| {
@@ -216,6 +227,8 @@ impl Server {
             // The socket is closed once the aborted task is gone.
             let _ = task.await;
         }
+        retention.abort();
+        let _ = retention.await;
         served.context("serving HTTP")?;
         // Streams were told to close; let them record their last_seen first.
         if tokio::time::timeout(Duration::from_secs(5), hub_after.streams_ended())

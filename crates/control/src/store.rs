@@ -319,7 +319,7 @@ pub fn rfc3339(unix: i64) -> String {
 /// The control plane's database.
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
 }
 
 impl Store {

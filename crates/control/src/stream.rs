@@ -277,8 +277,16 @@ async fn connected(
                             }
                         }
                         Ok(NodeMessage::Flows { seq, records }) => {
-                            // Stored and acknowledged once flow logs land (issue 5).
-                            tracing::debug!(node = %node.name, seq, n = records.len(), "flow records");
+                            // Acknowledged only once durable; a refused batch gets no ack.
+                            match crate::flows::ingest(state, node, seq, &records).await {
+                                Ok(outcome) => {
+                                    tracing::debug!(node = %node.name, seq, ?outcome, "flow batch");
+                                    send(ws, &ServerMessage::FlowsAck { seq }).await?;
+                                }
+                                Err(e) => {
+                                    tracing::warn!(node = %node.name, seq, error = %e, "flow batch not stored");
+                                }
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(node = %node.name, error = %e, "ignoring a malformed message");

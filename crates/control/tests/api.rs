@@ -43,6 +43,7 @@ impl Running {
             public_url: None,
             edge_udp: Some("127.0.0.1:0".parse().unwrap()),
             dns_suffix: "mesh".into(),
+            flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
         })
         .await
         .unwrap();
@@ -1960,6 +1961,7 @@ async fn mesh_endpoints_are_in_the_openapi_document_and_a_bad_suffix_is_refused(
         public_url: None,
         edge_udp: None,
         dns_suffix: "Not A Suffix".into(),
+        flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
     })
     .await
     .err()

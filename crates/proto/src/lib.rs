@@ -16,6 +16,8 @@ pub use trellis_policy::FilterSpec;
 use utoipa::ToSchema;
 
 pub mod frames;
+pub mod logs;
+pub use logs::{FlowLogPage, FlowLogRecord};
 
 /// The block every account's overlay addresses come from (RFC 6598 shared space).
 pub const OVERLAY_SPACE: &str = "100.64.0.0/10";

@@ -7,10 +7,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use trellis_proto::{
     AccountInfo, ApiError, ApproveRouteRequest, CreateAccountRequest, CreateAccountResponse,
-    CreateTokenRequest, CreateTokenResponse, DnsRecordInfo, NodeInfo, RenameNodeRequest, RouteInfo,
+    CreateTokenRequest, CreateTokenResponse, DnsRecordInfo, FlowLogPage, FlowLogRecord, NodeInfo,
+    RenameNodeRequest, RouteInfo,
 };
 
-use crate::{AccountCmd, AdminOpts, DnsCmd, NodesCmd, RoutesCmd, TokenCmd};
+use crate::{AccountCmd, AdminOpts, DnsCmd, FlowsArgs, LogsCmd, NodesCmd, RoutesCmd, TokenCmd};
 
 const DEFAULT_KEY_FILE: &str = "trellis-data/admin.key";
 
@@ -338,6 +339,201 @@ pub async fn dns(opts: &AdminOpts, cmd: DnsCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub async fn logs(opts: &AdminOpts, cmd: LogsCmd) -> anyhow::Result<()> {
+    let c = Client::new(opts)?;
+    match cmd {
+        LogsCmd::Flows(args) => flows(&c, &args, &mut std::io::stdout()).await,
+    }
+}
+
+/// The query string of `args`' filters (checked here, so nothing needs escaping).
+fn flow_query(args: &FlowsArgs) -> anyhow::Result<String> {
+    let mut q = Vec::new();
+    if let Some(s) = &args.since {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            bail!("invalid --since {s:?}: give a time ago such as 10m, 2h or 7d, or unix seconds");
+        }
+        q.push(format!("since={s}"));
+    }
+    if let Some(n) = &args.node {
+        trellis_proto::validate_name("node", n).map_err(|e| anyhow!("invalid --node: {e}"))?;
+        q.push(format!("node={n}"));
+    }
+    if let Some(d) = &args.decision {
+        if d != "allow" && d != "deny" {
+            bail!("invalid --decision {d:?}: use allow or deny");
+        }
+        q.push(format!("decision={d}"));
+    }
+    if let Some(p) = &args.proto {
+        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            bail!("invalid --proto {p:?}: use tcp, udp, icmp or an IP protocol number");
+        }
+        q.push(format!("proto={p}"));
+    }
+    Ok(q.join("&"))
+}
+
+fn with_query(path: &str, q: &str) -> String {
+    if q.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{q}")
+    }
+}
+
+async fn flows(c: &Client, args: &FlowsArgs, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    if !(1..=1000).contains(&args.limit) {
+        bail!(
+            "invalid --limit {}: give a number from 1 to 1000",
+            args.limit
+        );
+    }
+    let q = flow_query(args)?;
+    // Subscribe before reading the history, so nothing falls between the two.
+    let live = if args.follow {
+        let http = reqwest::Client::builder().build()?;
+        let req = http
+            .get(c.url(&with_query("/logs/flows/stream", &q)))
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        Some(c.send(req).await?)
+    } else {
+        None
+    };
+    let page_q = if q.is_empty() {
+        format!("limit={}", args.limit)
+    } else {
+        format!("{q}&limit={}", args.limit)
+    };
+    let page: FlowLogPage = c.get(&with_query("/logs/flows", &page_q)).await?;
+    if !args.json {
+        writeln!(out, "{}", flow_header())?;
+    }
+    let mut last_id = 0;
+    for r in page.records.iter().rev() {
+        print_flow(out, r, args.json)?;
+        last_id = last_id.max(r.id);
+    }
+    if page.records.is_empty() && !args.follow {
+        eprintln!("no flow records match");
+    }
+    let Some(mut resp) = live else {
+        return Ok(());
+    };
+    let mut sse = SseParser::default();
+    while let Some(chunk) = resp.chunk().await.context("reading the live flow stream")? {
+        for (event, data) in sse.push(&chunk) {
+            match event.as_str() {
+                "lagged" => eprintln!(
+                    "warning: this client fell behind; some records were skipped ({data})"
+                ),
+                "" | "message" => {
+                    let r: FlowLogRecord = serde_json::from_str(&data)
+                        .context("the server sent a flow record that was not understood")?;
+                    if r.id > last_id {
+                        last_id = r.id;
+                        print_flow(out, &r, args.json)?;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    bail!("the server closed the live flow stream")
+}
+
+/// Splits a Server-Sent-Events byte stream into (event, data) pairs.
+#[derive(Default)]
+struct SseParser {
+    buf: String,
+}
+
+impl SseParser {
+    fn push(&mut self, bytes: &[u8]) -> Vec<(String, String)> {
+        self.buf.push_str(&String::from_utf8_lossy(bytes));
+        let mut events = Vec::new();
+        while let Some(end) = self.buf.find("\n\n") {
+            let block: String = self.buf.drain(..end + 2).collect();
+            let (mut event, mut data) = (String::new(), Vec::new());
+            for line in block.lines() {
+                let line = line.trim_end_matches('\r');
+                if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim_start().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
+                }
+            }
+            if !data.is_empty() {
+                events.push((event, data.join("\n")));
+            }
+        }
+        events
+    }
+}
+
+fn print_flow(out: &mut impl std::io::Write, r: &FlowLogRecord, json: bool) -> anyhow::Result<()> {
+    if json {
+        writeln!(out, "{}", serde_json::to_string(r)?)?;
+    } else {
+        writeln!(out, "{}", flow_line(r))?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn flow_header() -> String {
+    format!(
+        "{:<20} {:<16} {:<34}   {:<34} {:<5} {:<9} {:<20} {:>15} {}",
+        "TIME", "NODE", "SOURCE", "DESTINATION", "PROTO", "PATH", "DECISION", "BYTES OUT/IN", "END"
+    )
+}
+
+fn flow_line(r: &FlowLogRecord) -> String {
+    let end = |node: &str, ip: std::net::Ipv4Addr, port: u16| {
+        if node.is_empty() {
+            format!("{ip}:{port}")
+        } else {
+            format!("{node} {ip}:{port}")
+        }
+    };
+    let decision = if r.rule.is_empty() {
+        format!("{} (default)", r.decision)
+    } else {
+        format!("{} {}", r.decision, r.rule)
+    };
+    let decision = if r.count > 1 {
+        format!("{decision} ×{}", r.count)
+    } else {
+        decision
+    };
+    format!(
+        "{:<20} {:<16} {:<34} → {:<34} {:<5} {:<9} {:<20} {:>15} {}",
+        trellis_control::store::rfc3339(r.start_ms.div_euclid(1000)),
+        r.node,
+        end(&r.src_node, r.src_ip, r.src_port),
+        end(&r.dst_node, r.dst_ip, r.dst_port),
+        r.proto,
+        r.path,
+        decision,
+        format!("{}/{}", human_bytes(r.bytes_out), human_bytes(r.bytes_in)),
+        r.end_reason
+    )
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["K", "M", "G", "T", "P"];
+    if n < 1024 {
+        return format!("{n}B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    format!("{v:.1}{}", UNITS[i])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,6 +550,7 @@ mod tests {
             public_url: None,
             edge_udp: None,
             dns_suffix: "corp".into(),
+            flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
         })
         .await
         .unwrap();
@@ -489,8 +686,100 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("no DNS record named"), "{e}");
 
+        // Flow logs: an empty table, and bad filters refused (here or by the server).
+        let args = FlowsArgs {
+            since: Some("10m".into()),
+            node: Some("router".into()),
+            decision: Some("deny".into()),
+            proto: None,
+            limit: 100,
+            json: false,
+            follow: false,
+        };
+        let mut out = Vec::new();
+        flows(&c, &args, &mut out).await.unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.starts_with("TIME"), "{text}");
+        let e = flows(
+            &c,
+            &FlowsArgs {
+                decision: Some("maybe".into()),
+                ..args.clone()
+            },
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("--decision"), "{e}");
+        let e = flows(
+            &c,
+            &FlowsArgs {
+                since: Some("yesterday".into()),
+                ..args.clone()
+            },
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("invalid since"), "{e}");
+
         let _ = stop.send(());
         task.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn flow_lines_and_sse_events() {
+        let r = FlowLogRecord {
+            id: 7,
+            node: "web".into(),
+            start_ms: 1_700_000_000_123,
+            end_ms: 1_700_000_005_000,
+            proto: "tcp".into(),
+            src_ip: "100.64.0.2".parse().unwrap(),
+            src_port: 51000,
+            src_node: "web".into(),
+            dst_ip: "198.19.10.5".parse().unwrap(),
+            dst_port: 5432,
+            dst_node: String::new(),
+            direction: "out".into(),
+            packets_out: 3,
+            bytes_out: 300,
+            packets_in: 4,
+            bytes_in: 3 * 1024 * 1024,
+            path: "relay-udp".into(),
+            decision: "deny".into(),
+            rule: "no-db".into(),
+            count: 4,
+            end_reason: "denied".into(),
+        };
+        let line = flow_line(&r);
+        for part in [
+            "2023-11-14T22:13:20Z",
+            "web 100.64.0.2:51000",
+            "→ 198.19.10.5:5432",
+            "relay-udp",
+            "deny no-db ×4",
+            "300B/3.0M",
+            "denied",
+        ] {
+            assert!(line.contains(part), "{part:?} missing from {line}");
+        }
+        let mut out = Vec::new();
+        print_flow(&mut out, &r, true).unwrap();
+        let back: FlowLogRecord = serde_json::from_slice(&out).unwrap();
+        assert_eq!(back, r);
+
+        let mut p = SseParser::default();
+        assert!(p.push(b": keep-alive\n\ndata: {\"a\"").is_empty());
+        let ev = p.push(b":1}\n\nevent: lagged\ndata: {\"missed_batches\":3}\n\n");
+        assert_eq!(
+            ev,
+            vec![
+                (String::new(), "{\"a\":1}".to_string()),
+                ("lagged".to_string(), "{\"missed_batches\":3}".to_string())
+            ]
+        );
     }
 
     #[test]

@@ -58,6 +58,9 @@ enum Cmd {
         /// Suffix of the names nodes resolve: NODE.ACCOUNT.SUFFIX.
         #[arg(long, default_value = trellis_control::DEFAULT_DNS_SUFFIX)]
         dns_suffix: String,
+        /// How long flow logs are kept, e.g. 30d, 12h, 10m.
+        #[arg(long, default_value = "30d", value_parser = trellis_control::flows::parse_duration)]
+        flow_retention: std::time::Duration,
     },
     /// Enroll this machine (first run, with --token) and run the node agent in the foreground.
     Join {
@@ -145,6 +148,44 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminOpts,
     },
+    /// Logs kept by the control plane.
+    Logs {
+        #[command(subcommand)]
+        cmd: LogsCmd,
+        #[command(flatten)]
+        admin: AdminOpts,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum LogsCmd {
+    /// Connections the nodes saw (allowed and denied), oldest first.
+    Flows(FlowsArgs),
+}
+
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct FlowsArgs {
+    /// Only flows that ended this long ago or later (10m, 2h, 7d) or since unix seconds.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only flows reported by this node or with it at either end.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Only `allow` or `deny`.
+    #[arg(long)]
+    pub decision: Option<String>,
+    /// Only this protocol: tcp, udp, icmp or a number.
+    #[arg(long)]
+    pub proto: Option<String>,
+    /// How many of the newest matching records to show (1 to 1000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    /// JSON lines, one record per line.
+    #[arg(long)]
+    pub json: bool,
+    /// After the history, print new records as they arrive, until interrupted.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
 }
 
 #[derive(Subcommand)]
@@ -243,6 +284,7 @@ async fn run_server(
     edge_udp: SocketAddr,
     public_url: Option<String>,
     dns_suffix: String,
+    flow_retention: std::time::Duration,
 ) -> anyhow::Result<()> {
     let server = trellis_control::Server::start(trellis_control::Config {
         data_dir: data_dir.clone(),
@@ -250,6 +292,7 @@ async fn run_server(
         public_url,
         edge_udp: Some(edge_udp),
         dns_suffix,
+        flow_retention,
     })
     .await?;
     let edge_addr = server
@@ -284,7 +327,18 @@ async fn main() -> ExitCode {
             edge_udp,
             public_url,
             dns_suffix,
-        } => run_server(data_dir, listen, edge_udp, public_url, dns_suffix).await,
+            flow_retention,
+        } => {
+            run_server(
+                data_dir,
+                listen,
+                edge_udp,
+                public_url,
+                dns_suffix,
+                flow_retention,
+            )
+            .await
+        }
         Cmd::Join {
             server,
             token,
@@ -326,6 +380,7 @@ async fn main() -> ExitCode {
         Cmd::Nodes { cmd, admin } => admin::nodes(&admin, cmd).await,
         Cmd::Routes { cmd, admin } => admin::routes(&admin, cmd).await,
         Cmd::Dns { cmd, admin } => admin::dns(&admin, cmd).await,
+        Cmd::Logs { cmd, admin } => admin::logs(&admin, cmd).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -450,6 +505,21 @@ mod tests {
             &["trellis", "nodes", "rename", "a", "b"],
             &["trellis", "token", "create", "--routes-auto-approve"],
             &["trellis", "server", "--dns-suffix", "corp.example"],
+            &["trellis", "server", "--flow-retention", "7d"],
+            &["trellis", "logs", "flows"],
+            &[
+                "trellis",
+                "logs",
+                "flows",
+                "--since",
+                "10m",
+                "--node",
+                "db",
+                "--decision",
+                "deny",
+                "--json",
+                "--follow",
+            ],
         ] {
             assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
         }
@@ -474,5 +544,33 @@ mod tests {
         }
         assert!(parse_routes(&["nope".into()]).is_err());
         assert!(parse_routes(&[String::new()]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn flow_retention_and_logs_flags() {
+        match Cli::try_parse_from(["trellis", "server", "--flow-retention", "12h"]) {
+            Ok(Cli {
+                cmd: Cmd::Server { flow_retention, .. },
+            }) => assert_eq!(flow_retention.as_secs(), 12 * 3600),
+            _ => panic!("server --flow-retention did not parse"),
+        }
+        let err = Cli::try_parse_from(["trellis", "server", "--flow-retention", "1w"])
+            .err()
+            .expect("1w is refused");
+        assert!(err.to_string().contains("invalid duration"), "{err}");
+        match Cli::try_parse_from(["trellis", "logs", "flows", "--decision", "deny", "-f"]) {
+            Ok(Cli {
+                cmd:
+                    Cmd::Logs {
+                        cmd: LogsCmd::Flows(a),
+                        ..
+                    },
+            }) => {
+                assert_eq!(a.decision.as_deref(), Some("deny"));
+                assert!(a.follow && !a.json);
+                assert_eq!(a.limit, 100);
+            }
+            _ => panic!("logs flows did not parse"),
+        }
     }
 }
