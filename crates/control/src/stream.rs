@@ -277,14 +277,21 @@ async fn connected(
                             }
                         }
                         Ok(NodeMessage::Flows { seq, records }) => {
-                            // Acknowledged only once durable; a refused batch gets no ack.
+                            // Acknowledged only once durable. A batch refused for
+                            // its content is acknowledged too (a resend cannot fix
+                            // it, and it must not block the node's queue for ever);
+                            // a store error is not, so the node sends it again.
                             match crate::flows::ingest(state, node, seq, &records).await {
                                 Ok(outcome) => {
                                     tracing::debug!(node = %node.name, seq, ?outcome, "flow batch");
                                     send(ws, &ServerMessage::FlowsAck { seq }).await?;
                                 }
+                                Err(e @ crate::flows::IngestError::Refused(_)) => {
+                                    tracing::warn!(node = %node.name, seq, error = %e, "flow batch refused and dropped");
+                                    send(ws, &ServerMessage::FlowsAck { seq }).await?;
+                                }
                                 Err(e) => {
-                                    tracing::warn!(node = %node.name, seq, error = %e, "flow batch not stored");
+                                    tracing::warn!(node = %node.name, seq, error = %e, "flow batch not stored; the node will send it again");
                                 }
                             }
                         }

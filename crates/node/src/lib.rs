@@ -189,8 +189,9 @@ pub async fn run(opts: JoinOptions, shutdown: impl Future<Output = ()>) -> anyho
     relay_task.abort();
     flows_task.abort();
     let _ = flows_task.await;
-    // Nothing collected in memory is lost on a clean stop: it is spooled
-    // and sent after the next start.
+    // Nothing collected in memory is lost on a clean stop: open flows end
+    // ("shutdown"), and everything is spooled and sent after the next start.
+    agent.dp.tunnel().close_all_flows(Instant::now());
     agent.flows.add_and_seal(collect_flows(&agent)).await;
     agent.dp.set_relay_tcp(None);
     agent.shutdown().await;
@@ -288,9 +289,48 @@ struct Agent {
 }
 
 /// Finished flows since the last call, to be logged on the control plane.
-fn collect_flows(_agent: &Agent) -> Vec<FlowRecord> {
-    // wired to Tunnel::drain_flows by the integrator
-    Vec::new()
+fn collect_flows(agent: &Agent) -> Vec<FlowRecord> {
+    let mut ended = Vec::new();
+    agent.dp.tunnel().drain_flows(&mut ended);
+    if ended.is_empty() {
+        return Vec::new();
+    }
+    let (now, wall) = (Instant::now(), unix_ms());
+    let at = |t: Instant| wall - now.saturating_duration_since(t).as_millis() as i64;
+    ended
+        .into_iter()
+        .map(|f| FlowRecord {
+            start_ms: at(f.start),
+            end_ms: at(f.end),
+            proto: match f.proto {
+                trellis_policy::PROTO_TCP => "tcp".into(),
+                trellis_policy::PROTO_UDP => "udp".into(),
+                trellis_policy::PROTO_ICMP => "icmp".into(),
+                p => p.to_string(),
+            },
+            src_ip: f.src,
+            src_port: f.src_port,
+            dst_ip: f.dst,
+            dst_port: f.dst_port,
+            direction: f.direction.as_str().into(),
+            packets_out: f.packets_out,
+            bytes_out: f.bytes_out,
+            packets_in: f.packets_in,
+            bytes_in: f.bytes_in,
+            path: f.path.kind().into(),
+            decision: if f.allow { "allow" } else { "deny" }.into(),
+            rule: f.rule.as_deref().unwrap_or("").into(),
+            count: f.count,
+            end_reason: f.end_reason.into(),
+        })
+        .collect()
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Every second, moves finished flows from the data plane into the spool
@@ -332,6 +372,7 @@ impl Agent {
             .map(peer_config)
             .collect();
         self.dp.tunnel().set_peers(Instant::now(), configs);
+        self.apply_filter(map.filter.as_ref());
         if persist {
             if let Err(e) = self.dir.save_map(&map) {
                 tracing::warn!(error = %e, "cannot cache the network map");
@@ -431,13 +472,37 @@ impl Agent {
         self.lock().relay = Some(info);
     }
 
+    /// Enforces the account's policy (its packet filter): only when it
+    /// changed, since every change re-decides each open connection. A map
+    /// without one (a server older than policies) leaves everything allowed.
+    fn apply_filter(&self, spec: Option<&trellis_policy::FilterSpec>) {
+        let Some(spec) = spec else {
+            return;
+        };
+        let mut t = self.dp.tunnel();
+        if t.filter().spec() == spec {
+            return;
+        }
+        let filter = Arc::new(trellis_policy::Filter::compile(spec));
+        t.set_filter(Instant::now(), filter);
+        let stats = t.flow_stats();
+        drop(t);
+        tracing::info!(
+            rules = spec.rules.len(),
+            revoked = stats.revoked,
+            "policy updated"
+        );
+    }
+
     fn apply_delta(
         &self,
         self_node: Option<trellis_proto::SelfNode>,
         upsert: Vec<Peer>,
         remove: Vec<NodeKey>,
         dns: Option<DnsConfig>,
+        filter: Option<trellis_policy::FilterSpec>,
     ) {
+        self.apply_filter(filter.as_ref());
         let now = Instant::now();
         {
             let mut t = self.dp.tunnel();
@@ -465,6 +530,9 @@ impl Agent {
             }
             if let Some(d) = dns {
                 map.dns = Some(d);
+            }
+            if filter.is_some() {
+                map.filter = filter;
             }
             map.clone()
         };
@@ -718,9 +786,9 @@ async fn stream_once(
                                 agent.apply_relay(relay).await;
                                 agent.apply_dns(dns).await;
                             }
-                            ServerMessage::Delta { self_node, upsert, remove, relay, dns, filter: _ } => {
+                            ServerMessage::Delta { self_node, upsert, remove, relay, dns, filter } => {
                                 tracing::info!(upsert = upsert.len(), remove = remove.len(), "network map update");
-                                agent.apply_delta(self_node, upsert, remove, dns.clone());
+                                agent.apply_delta(self_node, upsert, remove, dns.clone(), filter);
                                 agent.apply_relay(relay).await;
                                 agent.apply_dns(dns).await;
                             }
