@@ -79,7 +79,7 @@ impl ServerLab {
     fn flows(&self) -> Vec<Value> {
         let out = self
             .lab
-            .admin_ok(&self.srv, &self.key, &["logs", "flows", "--json"]);
+            .admin_ok(&self.srv, &self.key, &["logs", "flows", "--json", "--limit", "1000"]);
         out.lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| {
