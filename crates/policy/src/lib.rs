@@ -16,6 +16,16 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
+mod compile;
+mod parse;
+mod resolve;
+#[cfg(test)]
+mod tests;
+
+pub use compile::{Filter, FilterStats};
+pub use parse::{parse, parse_ports, parse_selector};
+pub use resolve::resolve;
+
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
@@ -122,12 +132,6 @@ pub struct PolicyError {
     pub message: String,
 }
 
-/// Parses and validates a policy. Every problem found is reported, each with
-/// its line and field; nothing partial is returned.
-pub fn parse(_src: &str) -> Result<Policy, Vec<PolicyError>> {
-    unimplemented!("being written")
-}
-
 /// What [`resolve`] needs to know about an account.
 #[derive(Debug, Clone, Default)]
 pub struct Directory {
@@ -174,65 +178,10 @@ pub struct FilterRule {
     pub ports: Vec<PortRange>,
 }
 
-/// Turns names into addresses. Returns the spec and warnings for names that
-/// match nothing yet (a node that has not joined, a tag nobody carries).
-pub fn resolve(_policy: &Policy, _dir: &Directory) -> (FilterSpec, Vec<String>) {
-    unimplemented!("being written")
-}
-
 /// The outcome of a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
     pub allow: bool,
     /// Index of the matching rule in the spec; `None` when the default decided.
     pub rule: Option<u32>,
-}
-
-/// A compiled [`FilterSpec`], ready to decide packets.
-#[derive(Debug, Clone)]
-pub struct Filter {
-    spec: FilterSpec,
-}
-
-impl Filter {
-    pub fn compile(spec: &FilterSpec) -> Filter {
-        Filter { spec: spec.clone() }
-    }
-
-    pub fn allow_all() -> Filter {
-        Filter::compile(&FilterSpec::allow_all())
-    }
-
-    /// Decides a packet that opens a flow: source, destination, IP protocol
-    /// number and destination port (0 for protocols without ports).
-    pub fn decide(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, dport: u16) -> Decision {
-        for (i, r) in self.spec.rules.iter().enumerate() {
-            if r.src.iter().any(|n| n.contains(&src))
-                && r.dst.iter().any(|n| n.contains(&dst))
-                && r.ports.iter().any(|p| p.matches(proto, dport))
-            {
-                return Decision {
-                    allow: r.allow,
-                    rule: Some(i as u32),
-                };
-            }
-        }
-        Decision {
-            allow: self.spec.default_allow,
-            rule: None,
-        }
-    }
-
-    /// The name of rule `idx` (as given by [`Decision::rule`]).
-    pub fn rule_name(&self, idx: u32) -> &str {
-        self.spec
-            .rules
-            .get(idx as usize)
-            .map(|r| r.name.as_str())
-            .unwrap_or("")
-    }
-
-    pub fn spec(&self) -> &FilterSpec {
-        &self.spec
-    }
 }
