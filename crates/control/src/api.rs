@@ -772,7 +772,10 @@ pub fn router(state: AppState) -> Router {
         .route("/tokens", get(crate::tokens::list_tokens))
         .route("/tokens/{id}", delete(crate::tokens::revoke_token))
         .route("/nodes/{name}/tags", put(crate::tokens::set_node_tags))
-        .route("/policy", get(crate::policy::get_policy).put(crate::policy::put_policy))
+        .route(
+            "/policy",
+            get(crate::policy::get_policy).put(crate::policy::put_policy),
+        )
         .route("/policy/history", get(crate::policy::policy_history))
         .route("/policy/restore", post(crate::policy::restore_policy))
         .route("/policy/test", post(crate::policy::test_policy))

@@ -320,7 +320,14 @@ async fn apply(
     let rules = i64::try_from(policy.rules.len()).unwrap_or(i64::MAX);
     let stored = st
         .store
-        .store_policy(&admin.account, text, rules, &admin.actor, restored_from, now())
+        .store_policy(
+            &admin.account,
+            text,
+            rules,
+            &admin.actor,
+            restored_from,
+            now(),
+        )
         .await?;
     if stored.changed {
         st.hub.notify(admin.account.id);
@@ -439,9 +446,8 @@ pub async fn restore_policy(
 
 /// `tcp:5432`, `udp:53`, `icmp` → (protocol, port).
 pub fn parse_probe_port(s: &str) -> Result<(u8, u16), String> {
-    let bad = || {
-        format!("invalid port {s:?}: give tcp:PORT, udp:PORT (1-65535) or icmp, e.g. tcp:5432")
-    };
+    let bad =
+        || format!("invalid port {s:?}: give tcp:PORT, udp:PORT (1-65535) or icmp, e.g. tcp:5432");
     let s = s.trim().to_ascii_lowercase();
     if s == "icmp" {
         return Ok((PROTO_ICMP, 0));
@@ -460,7 +466,12 @@ pub fn parse_probe_port(s: &str) -> Result<(u8, u16), String> {
 }
 
 /// A `from` or `to` of a policy test as an address.
-fn probe_addr(dir: &Directory, account: &Account, s: &str, binding_ok: bool) -> Result<Ipv4Addr, ApiErr> {
+fn probe_addr(
+    dir: &Directory,
+    account: &Account,
+    s: &str,
+    binding_ok: bool,
+) -> Result<Ipv4Addr, ApiErr> {
     let s = s.trim();
     if let Ok(ip) = s.parse::<Ipv4Addr>() {
         return Ok(ip);

@@ -637,12 +637,13 @@ impl Store {
         actor: &str,
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let revoked: Option<Option<i64>> =
-            sqlx::query_scalar("SELECT revoked_at FROM join_tokens WHERE id = ? AND account_id = ?")
-                .bind(id)
-                .bind(account.id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let revoked: Option<Option<i64>> = sqlx::query_scalar(
+            "SELECT revoked_at FROM join_tokens WHERE id = ? AND account_id = ?",
+        )
+        .bind(id)
+        .bind(account.id)
+        .fetch_optional(&mut *tx)
+        .await?;
         match revoked {
             None => {
                 return Err(StoreError::NotFound(format!(
@@ -1329,8 +1330,8 @@ impl Store {
         if node.tags == clean {
             return Ok((node, false));
         }
-        let json = serde_json::to_string(&clean)
-            .map_err(|e| StoreError::Invalid(format!("tags: {e}")))?;
+        let json =
+            serde_json::to_string(&clean).map_err(|e| StoreError::Invalid(format!("tags: {e}")))?;
         sqlx::query("UPDATE nodes SET tags = ? WHERE id = ?")
             .bind(&json)
             .bind(node.id)
