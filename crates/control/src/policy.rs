@@ -263,8 +263,36 @@ fn problems_text(errors: &[PolicyError]) -> String {
         .join("\n")
 }
 
-/// The 400 answer to a text that does not validate.
-fn rejected(intro: &str, errors: Vec<PolicyError>) -> Response {
+/// A failed policy change: a plain API error, or a text that does not validate.
+pub enum PolicyErr {
+    Api(ApiErr),
+    /// Answered 400 with every problem.
+    Rejected(PolicyRejected),
+}
+
+impl From<ApiErr> for PolicyErr {
+    fn from(e: ApiErr) -> PolicyErr {
+        PolicyErr::Api(e)
+    }
+}
+
+impl From<StoreError> for PolicyErr {
+    fn from(e: StoreError) -> PolicyErr {
+        PolicyErr::Api(e.into())
+    }
+}
+
+impl IntoResponse for PolicyErr {
+    fn into_response(self) -> Response {
+        match self {
+            PolicyErr::Api(e) => e.into_response(),
+            PolicyErr::Rejected(r) => (StatusCode::BAD_REQUEST, Json(r)).into_response(),
+        }
+    }
+}
+
+/// The answer to a text that does not validate.
+fn rejected(intro: &str, errors: Vec<PolicyError>) -> PolicyErr {
     let error = format!(
         "{intro}; nothing was changed ({} problem{}):\n{}",
         errors.len(),
@@ -279,14 +307,10 @@ fn rejected(intro: &str, errors: Vec<PolicyError>) -> Response {
             message: e.message,
         })
         .collect();
-    (
-        StatusCode::BAD_REQUEST,
-        Json(PolicyRejected { error, errors }),
-    )
-        .into_response()
+    PolicyErr::Rejected(PolicyRejected { error, errors })
 }
 
-fn validate(text: &str, intro: &str) -> Result<Policy, Response> {
+fn validate(text: &str, intro: &str) -> Result<Policy, PolicyErr> {
     if text.len() > MAX_POLICY_BYTES {
         return Err(ApiErr::new(
             StatusCode::BAD_REQUEST,
@@ -295,7 +319,7 @@ fn validate(text: &str, intro: &str) -> Result<Policy, Response> {
                 text.len()
             ),
         )
-        .into_response());
+        .into());
     }
     trellis_policy::parse(text).map_err(|errors| rejected(intro, errors))
 }
@@ -372,12 +396,9 @@ pub async fn put_policy(
     State(st): State<AppState>,
     admin: Admin,
     ApiJson(req): ApiJson<SetPolicyRequest>,
-) -> Result<Json<SetPolicyResponse>, Response> {
+) -> Result<Json<SetPolicyResponse>, PolicyErr> {
     let policy = validate(&req.text, "the policy was refused")?;
-    apply(&st, &admin, &policy, &req.text, None)
-        .await
-        .map(Json)
-        .map_err(IntoResponse::into_response)
+    Ok(Json(apply(&st, &admin, &policy, &req.text, None).await?))
 }
 
 /// Every version of the policy, newest first.
@@ -418,12 +439,11 @@ pub async fn restore_policy(
     State(st): State<AppState>,
     admin: Admin,
     ApiJson(req): ApiJson<RestorePolicyRequest>,
-) -> Result<Json<SetPolicyResponse>, Response> {
+) -> Result<Json<SetPolicyResponse>, PolicyErr> {
     let old = st
         .store
         .policy_version(admin.account.id, req.version)
-        .await
-        .map_err(|e| ApiErr::from(e).into_response())?
+        .await?
         .ok_or_else(|| {
             ApiErr::new(
                 StatusCode::NOT_FOUND,
@@ -432,16 +452,14 @@ pub async fn restore_policy(
                     admin.account.name, req.version
                 ),
             )
-            .into_response()
         })?;
     let policy = validate(
         &old.text,
         &format!("policy version {} no longer validates", req.version),
     )?;
-    apply(&st, &admin, &policy, &old.text, Some(req.version))
-        .await
-        .map(Json)
-        .map_err(IntoResponse::into_response)
+    Ok(Json(
+        apply(&st, &admin, &policy, &old.text, Some(req.version)).await?,
+    ))
 }
 
 /// `tcp:5432`, `udp:53`, `icmp` → (protocol, port).
