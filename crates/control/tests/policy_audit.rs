@@ -905,3 +905,53 @@ async fn new_endpoints_are_in_the_openapi_document() {
     assert!(doc["components"]["schemas"]["PolicyRejected"].is_object());
     srv.stop().await;
 }
+
+/// A stored version that no longer parses (say, after a stricter parser) is
+/// not enforced: nodes keep getting the newest version that parses, resolved
+/// against the current nodes — never allow-all, never a crash.
+#[tokio::test]
+async fn an_unparsable_stored_policy_falls_back_to_the_last_good_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+    let k = srv.admin.clone();
+    let (_, tok) = srv.token(&k, json!({"reusable": true})).await;
+    let a = srv.enroll(&tok, 1, "a").await;
+    let b = srv.enroll(&tok, 2, "b").await;
+    let (a_ip, b_ip) = (a.ip.to_string(), b.ip.to_string());
+    srv.set_policy_ok(&k, WEB_ONLY).await;
+    let (status, v) = srv
+        .put(&k, "/nodes/b/tags", json!({ "tags": ["web"] }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (mut ws, map) = srv.connect(&a.node_secret).await;
+    let f = map.filter.unwrap();
+    assert_eq!(decide(&f, &a_ip, &b_ip, 80), (true, Some("web".into())));
+
+    // Version 3 slips in behind the API's back and does not parse.
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", srv.db.display()))
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO policies (account_id, version, text, rules, created_at, author) \
+         SELECT id, 3, 'default = \"maybe\"', 0, 0, 'test' FROM accounts WHERE name = 'default'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    // A tag change recomputes the filter: from v2, with b no longer tagged web.
+    let (status, v) = srv.put(&k, "/nodes/b/tags", json!({ "tags": [] })).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let f = filter_until(&mut ws, PUSH, |f| !decide(f, &a_ip, &b_ip, 80).0).await;
+    assert!(!f.default_allow, "v2's default deny still holds");
+    let t = srv.probe_ok(&k, "a", "b", "tcp:80").await;
+    assert_eq!((t.allow, t.version), (false, 2));
+
+    // A new valid version takes over again.
+    srv.set_policy_ok(&k, trellis_policy::DEFAULT_POLICY).await;
+    let f = filter_until(&mut ws, PUSH, |f| f.default_allow).await;
+    assert_eq!(decide(&f, &a_ip, &b_ip, 443), (true, None));
+    assert_eq!(srv.probe_ok(&k, "a", "b", "tcp:80").await.version, 4);
+    srv.stop().await;
+}
