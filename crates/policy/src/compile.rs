@@ -24,12 +24,21 @@ const KEY_MAX: u32 = (256 << 16) - 1;
 
 /// A compiled [`FilterSpec`], ready to decide packets. Cheap to clone (the
 /// compiled form is shared).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Filter {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+/// Sizes only: the compiled form can be megabytes.
+impl std::fmt::Debug for Filter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Filter")
+            .field("default_allow", &self.inner.spec.default_allow)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
 struct Inner {
     spec: FilterSpec,
     allow: Vec<bool>,
@@ -144,16 +153,24 @@ impl SetArena {
             }
         }
         let Some(d) = driver else {
-            for wi in 0..self.nwords {
-                let mut w = !0u64;
-                for v in &views {
-                    if let View::Dense(x) = v {
-                        w &= x[wi];
-                    }
+            let xs = views.map(|v| match v {
+                View::Dense(x) => x,
+                View::Sparse(..) => unreachable!("no sparse set"),
+            });
+            let and = |wi: usize| xs.iter().fold(!0u64, |w, x| w & x[wi]);
+            let n = self.nwords;
+            let mut wi = 0;
+            while wi < n {
+                // Skip four words at a time while the intersection is empty.
+                if wi + 4 <= n && (and(wi) | and(wi + 1) | and(wi + 2) | and(wi + 3)) == 0 {
+                    wi += 4;
+                    continue;
                 }
+                let w = and(wi);
                 if w != 0 && f(wi as u32, w) {
                     return;
                 }
+                wi += 1;
             }
             return;
         };

@@ -148,6 +148,13 @@ fn toml_syntax_error_has_its_line() {
 
     let e = errs("default = \"deny\"\n\n\nfoo = = 1\n");
     assert_eq!(e[0].line, 4, "{e:#?}");
+
+    one(
+        "default = \"deny\"\n[[rules]]\nfrom = [\"*\"]\nfrom = [\"*\"]\n",
+        4,
+        "syntax",
+        "invalid TOML: duplicate key (at `from`)",
+    );
 }
 
 #[test]
@@ -944,4 +951,11 @@ fn compiled_filter_agrees_with_the_naive_scan_on_narrow_rules() {
         }
     }
     assert!(matched > 2000, "{matched}");
+}
+
+#[test]
+fn debug_output_stays_small() {
+    let spec = rand_spec(&mut Rng(7), 400);
+    let s = format!("{:?}", Filter::compile(&spec));
+    assert!(s.starts_with("Filter {") && s.len() < 400, "{s}");
 }
