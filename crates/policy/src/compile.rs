@@ -24,12 +24,21 @@ const KEY_MAX: u32 = (256 << 16) - 1;
 
 /// A compiled [`FilterSpec`], ready to decide packets. Cheap to clone (the
 /// compiled form is shared).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Filter {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+/// Sizes only: the compiled form can be megabytes.
+impl std::fmt::Debug for Filter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Filter")
+            .field("default_allow", &self.inner.spec.default_allow)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
 struct Inner {
     spec: FilterSpec,
     allow: Vec<bool>,
@@ -52,6 +61,8 @@ pub struct FilterStats {
     pub port_ranges: usize,
     /// Distinct rule sets after interning.
     pub sets: usize,
+    /// How many of them are stored densely.
+    pub dense_sets: usize,
     /// Non-zero 64-bit words stored over all sets.
     pub set_words: usize,
     /// Approximate heap bytes of the compiled form (not counting the spec).
@@ -79,32 +90,152 @@ impl RangeMap {
     }
 }
 
-/// Interned sparse bitsets. Set 0 is the empty set.
+/// Interned bitsets over rule indices. Set 0 is the empty set. A set is
+/// stored sparsely (its non-zero words with their index) unless at least
+/// two thirds of its words are non-zero; then densely (every word), which
+/// costs no more memory and lets lookups index it directly.
 #[derive(Debug)]
 struct SetArena {
-    /// Set `i` is `idx[off[i]..off[i + 1]]` / `words[..]`.
-    off: Vec<u32>,
+    /// Words per dense set.
+    nwords: usize,
+    sets: Vec<SetRef>,
     idx: Vec<u32>,
     words: Vec<u64>,
+    dense: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum SetRef {
+    Sparse { off: u32, len: u32 },
+    Dense { off: u32 },
+}
+
+#[derive(Clone, Copy)]
+enum View<'a> {
+    Sparse(&'a [u32], &'a [u64]),
+    Dense(&'a [u64]),
 }
 
 impl SetArena {
     #[inline]
-    fn get(&self, id: u32) -> (&[u32], &[u64]) {
-        let a = self.off[id as usize] as usize;
-        let b = self.off[id as usize + 1] as usize;
-        (&self.idx[a..b], &self.words[a..b])
+    fn view(&self, id: u32) -> View<'_> {
+        match self.sets[id as usize] {
+            SetRef::Sparse { off, len } => {
+                let r = off as usize..(off + len) as usize;
+                View::Sparse(&self.idx[r.clone()], &self.words[r])
+            }
+            SetRef::Dense { off } => {
+                View::Dense(&self.dense[off as usize..off as usize + self.nwords])
+            }
+        }
     }
 
     fn bytes(&self) -> usize {
-        self.off.capacity() * 4 + self.idx.capacity() * 4 + self.words.capacity() * 8
+        self.sets.capacity() * std::mem::size_of::<SetRef>()
+            + self.idx.capacity() * 4
+            + (self.words.capacity() + self.dense.capacity()) * 8
+    }
+
+    /// Calls `f(word_index, word)` for every non-zero word of the
+    /// intersection of the sets, in ascending order, until it returns true.
+    #[inline]
+    fn scan<const N: usize>(&self, ids: [u32; N], mut f: impl FnMut(u32, u64) -> bool) {
+        let views = ids.map(|id| self.view(id));
+        // Drive with the shortest sparse set; probe the others.
+        let mut driver = None;
+        let mut best = usize::MAX;
+        for (i, v) in views.iter().enumerate() {
+            if let View::Sparse(ix, _) = v {
+                if ix.len() < best {
+                    best = ix.len();
+                    driver = Some(i);
+                }
+            }
+        }
+        let Some(d) = driver else {
+            let xs = views.map(|v| match v {
+                View::Dense(x) => x,
+                View::Sparse(..) => unreachable!("no sparse set"),
+            });
+            let and = |wi: usize| xs.iter().fold(!0u64, |w, x| w & x[wi]);
+            let n = self.nwords;
+            let mut wi = 0;
+            while wi < n {
+                // Skip four words at a time while the intersection is empty.
+                if wi + 4 <= n && (and(wi) | and(wi + 1) | and(wi + 2) | and(wi + 3)) == 0 {
+                    wi += 4;
+                    continue;
+                }
+                let w = and(wi);
+                if w != 0 && f(wi as u32, w) {
+                    return;
+                }
+                wi += 1;
+            }
+            return;
+        };
+        let View::Sparse(di, dw) = views[d] else {
+            unreachable!("driver is sparse")
+        };
+        let mut cur = [0usize; N];
+        for (&wi, &dword) in di.iter().zip(dw) {
+            let mut w = dword;
+            for (k, v) in views.iter().enumerate() {
+                if k == d || w == 0 {
+                    continue;
+                }
+                match *v {
+                    View::Dense(x) => w &= x[wi as usize],
+                    View::Sparse(ix, xw) => {
+                        let c = seek(ix, cur[k], wi);
+                        if c == ix.len() {
+                            return;
+                        }
+                        cur[k] = c;
+                        w &= if ix[c] == wi { xw[c] } else { 0 };
+                    }
+                }
+            }
+            if w != 0 && f(wi, w) {
+                return;
+            }
+        }
+    }
+
+    /// The lowest rule present in all three sets.
+    #[inline]
+    fn first_common(&self, a: u32, b: u32, c: u32) -> Option<u32> {
+        let mut out = None;
+        self.scan([a, b, c], |wi, w| {
+            out = Some(wi * 64 + w.trailing_zeros());
+            true
+        });
+        out
+    }
+
+    /// Calls `f` with every rule present in both sets, lowest first, until it
+    /// returns `Some`.
+    fn each_common<T>(&self, a: u32, b: u32, mut f: impl FnMut(u32) -> Option<T>) -> Option<T> {
+        let mut out = None;
+        self.scan([a, b], |wi, mut w| {
+            while w != 0 {
+                if let Some(t) = f(wi * 64 + w.trailing_zeros()) {
+                    out = Some(t);
+                    return true;
+                }
+                w &= w - 1;
+            }
+            false
+        });
+        out
     }
 }
 
-/// Moves `i` forward to the first entry of `v` that is `>= target`.
+/// Moves `i` forward to the first entry of `v` that is `>= target`
+/// (`v.len()` if none).
 #[inline]
 fn seek(v: &[u32], i: usize, target: u32) -> usize {
-    if v[i] >= target {
+    if i >= v.len() || v[i] >= target {
         return i;
     }
     // Usually the next entry or close: gallop, then binary search.
@@ -118,84 +249,36 @@ fn seek(v: &[u32], i: usize, target: u32) -> usize {
     lo + v[lo..hi].partition_point(|&x| x < target)
 }
 
-impl SetArena {
-    /// The lowest rule present in all three sets.
-    #[inline]
-    fn first_common(&self, a: u32, b: u32, c: u32) -> Option<u32> {
-        let (ia, wa) = self.get(a);
-        let (ib, wb) = self.get(b);
-        let (ic, wc) = self.get(c);
-        let (mut i, mut j, mut k) = (0, 0, 0);
-        while i < ia.len() && j < ib.len() && k < ic.len() {
-            let m = ia[i].max(ib[j]).max(ic[k]);
-            if ia[i] == m && ib[j] == m && ic[k] == m {
-                let w = wa[i] & wb[j] & wc[k];
-                if w != 0 {
-                    return Some(m * 64 + w.trailing_zeros());
-                }
-                i += 1;
-                j += 1;
-                k += 1;
-            } else {
-                i = seek(ia, i, m);
-                if i == ia.len() {
-                    break;
-                }
-                j = seek(ib, j, m);
-                if j == ib.len() {
-                    break;
-                }
-                k = seek(ic, k, m);
-            }
-        }
-        None
-    }
-
-    /// Calls `f` with every rule present in both sets, lowest first, until it
-    /// returns `Some`.
-    fn each_common<T>(&self, a: u32, b: u32, mut f: impl FnMut(u32) -> Option<T>) -> Option<T> {
-        let (ia, wa) = self.get(a);
-        let (ib, wb) = self.get(b);
-        let (mut i, mut j) = (0, 0);
-        while i < ia.len() && j < ib.len() {
-            if ia[i] < ib[j] {
-                i = seek(ia, i, ib[j]);
-            } else if ib[j] < ia[i] {
-                j = seek(ib, j, ia[i]);
-            } else {
-                let mut w = wa[i] & wb[j];
-                while w != 0 {
-                    let r = ia[i] * 64 + w.trailing_zeros();
-                    if let Some(t) = f(r) {
-                        return Some(t);
-                    }
-                    w &= w - 1;
-                }
-                i += 1;
-                j += 1;
-            }
-        }
-        None
-    }
+/// How sets are stored: by the size heuristic, or (to test both paths)
+/// all one way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Storage {
+    Auto,
+    #[cfg_attr(not(test), allow(dead_code))]
+    AllSparse,
+    #[cfg_attr(not(test), allow(dead_code))]
+    AllDense,
 }
 
 struct Builder {
-    words: usize,
+    storage: Storage,
     arena: SetArena,
     intern: HashMap<Vec<(u32, u64)>, u32>,
     scratch: Vec<(u32, u64)>,
 }
 
 impl Builder {
-    fn new(rules: usize) -> Builder {
+    fn new(rules: usize, storage: Storage) -> Builder {
         let mut intern = HashMap::new();
         intern.insert(Vec::new(), 0);
         Builder {
-            words: rules.div_ceil(64),
+            storage,
             arena: SetArena {
-                off: vec![0, 0],
+                nwords: rules.div_ceil(64),
+                sets: vec![SetRef::Sparse { off: 0, len: 0 }],
                 idx: Vec::new(),
                 words: Vec::new(),
+                dense: Vec::new(),
             },
             intern,
             scratch: Vec::new(),
@@ -214,12 +297,28 @@ impl Builder {
         if let Some(&id) = self.intern.get(&self.scratch) {
             return id;
         }
-        let id = (self.arena.off.len() - 1) as u32;
-        for &(i, w) in &self.scratch {
-            self.arena.idx.push(i);
-            self.arena.words.push(w);
+        let a = &mut self.arena;
+        let id = a.sets.len() as u32;
+        let as_dense = match self.storage {
+            Storage::Auto => !self.scratch.is_empty() && self.scratch.len() * 3 >= a.nwords * 2,
+            Storage::AllSparse => false,
+            Storage::AllDense => true,
+        };
+        if as_dense {
+            a.sets.push(SetRef::Dense {
+                off: a.dense.len() as u32,
+            });
+            a.dense.extend_from_slice(dense);
+        } else {
+            a.sets.push(SetRef::Sparse {
+                off: a.idx.len() as u32,
+                len: self.scratch.len() as u32,
+            });
+            for &(i, w) in &self.scratch {
+                a.idx.push(i);
+                a.words.push(w);
+            }
         }
-        self.arena.off.push(self.arena.idx.len() as u32);
         self.intern.insert(self.scratch.clone(), id);
         id
     }
@@ -228,9 +327,9 @@ impl Builder {
     fn dimension(&mut self, mut events: Vec<(u64, bool, u32)>, max: u32) -> RangeMap {
         // (position, is_start, rule): ends are at hi + 1.
         events.sort_unstable_by_key(|e| e.0);
-        let rules = self.words * 64;
-        let mut count = vec![0u32; rules];
-        let mut cur = vec![0u64; self.words];
+        let nwords = self.arena.nwords;
+        let mut count = vec![0u32; nwords * 64];
+        let mut cur = vec![0u64; nwords];
         let mut map = RangeMap::default();
         if events.first().is_none_or(|e| e.0 > 0) {
             map.starts.push(0);
@@ -297,9 +396,13 @@ fn merge(mut v: Vec<(u32, u32)>) -> Vec<(u32, u32)> {
 
 impl Filter {
     pub fn compile(spec: &FilterSpec) -> Filter {
+        Filter::compile_with(spec, Storage::Auto)
+    }
+
+    pub(crate) fn compile_with(spec: &FilterSpec, storage: Storage) -> Filter {
         let n = spec.rules.len();
         assert!(n < u32::MAX as usize / 2, "too many rules");
-        let mut b = Builder::new(n);
+        let mut b = Builder::new(n, storage);
         let addr_events = |pick: fn(&crate::FilterRule) -> &Vec<ipnet::Ipv4Net>| {
             let mut ev = Vec::new();
             for (i, r) in spec.rules.iter().enumerate() {
@@ -332,9 +435,10 @@ impl Filter {
         port_ranges.shrink_to_fit();
 
         let mut sets = b.arena;
-        sets.off.shrink_to_fit();
+        sets.sets.shrink_to_fit();
         sets.idx.shrink_to_fit();
         sets.words.shrink_to_fit();
+        sets.dense.shrink_to_fit();
         Filter {
             inner: Arc::new(Inner {
                 spec: spec.clone(),
@@ -423,8 +527,14 @@ impl Filter {
             src_ranges: f.src.starts.len(),
             dst_ranges: f.dst.starts.len(),
             port_ranges: f.port.starts.len(),
-            sets: f.sets.off.len() - 1,
-            set_words: f.sets.words.len(),
+            sets: f.sets.sets.len(),
+            dense_sets: f
+                .sets
+                .sets
+                .iter()
+                .filter(|s| matches!(s, SetRef::Dense { .. }))
+                .count(),
+            set_words: f.sets.words.len() + f.sets.dense.len(),
             bytes: f.src.bytes()
                 + f.dst.bytes()
                 + f.port.bytes()

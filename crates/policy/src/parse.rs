@@ -34,12 +34,19 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
         for e in syntax {
             let line = e.span().map(|s| cx.line(s.start)).unwrap_or(1);
             let at = e.span().map(|s| s.start).unwrap_or(0);
+            // Quote the offending text when it is short and on one line.
+            let near = e
+                .span()
+                .and_then(|s| src.get(s))
+                .filter(|t| !t.trim().is_empty() && t.len() <= 40 && !t.contains('\n'))
+                .map(|t| format!(" (at `{}`)", t.trim()))
+                .unwrap_or_default();
             cx.errors.push((
                 at,
                 PolicyError {
                     line,
                     field: "syntax".into(),
-                    message: format!("invalid TOML: {}", e.message().trim()),
+                    message: format!("invalid TOML: {}{near}", e.message().trim()),
                 },
             ));
         }
@@ -87,28 +94,22 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
         }
     }
 
-    // Duplicate rule names (after defaulting unnamed rules to `rule N`).
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    let mut dups = Vec::new();
-    for (i, r) in rules.iter().enumerate() {
-        let (rule, name_span) = r;
-        let rule: &Rule = rule;
-        if let Some(first) = seen.get(rule.name.as_str()) {
-            dups.push((
-                name_span.clone(),
+    // Duplicate rule names (after defaulting unnamed rules to `rule N`),
+    // among all rules, valid or not.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, (name, line, span)) in std::mem::take(&mut cx.names).into_iter().enumerate() {
+        if let Some(first) = seen.get(&name) {
+            cx.err(
+                span,
                 format!("rules[{i}].name"),
                 format!(
-                    "duplicate rule name `{}` (already used by the rule at line {first}); \
-                     rule names must be unique",
-                    rule.name
+                    "duplicate rule name `{name}` (already used by the rule at line {first}); \
+                     rule names must be unique"
                 ),
-            ));
+            );
         } else {
-            seen.insert(rule.name.as_str(), rule.line);
+            seen.insert(name, line);
         }
-    }
-    for (span, field, msg) in dups {
-        cx.err(span, field, msg);
     }
 
     if !cx.errors.is_empty() {
@@ -117,7 +118,7 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
     Ok(Policy {
         default: default.expect("default checked above"),
         groups,
-        rules: rules.into_iter().map(|(r, _)| r).collect(),
+        rules,
     })
 }
 
@@ -125,6 +126,8 @@ struct Ctx {
     line_starts: Vec<usize>,
     /// With the byte offset they were found at, to sort them.
     errors: Vec<(usize, PolicyError)>,
+    /// Every rule's name (given or default), header line and name span.
+    names: Vec<(String, usize, Range<usize>)>,
 }
 
 type Val<'i> = Spanned<DeValue<'i>>;
@@ -136,6 +139,7 @@ impl Ctx {
         Ctx {
             line_starts,
             errors: Vec::new(),
+            names: Vec::new(),
         }
     }
 
@@ -288,11 +292,7 @@ impl Ctx {
         out
     }
 
-    fn rules(
-        &mut self,
-        v: &Val<'_>,
-        refs: &mut Vec<(String, Range<usize>, String)>,
-    ) -> Vec<(Rule, Range<usize>)> {
+    fn rules(&mut self, v: &Val<'_>, refs: &mut Vec<(String, Range<usize>, String)>) -> Vec<Rule> {
         let mut out = Vec::new();
         let DeValue::Array(arr) = v.get_ref() else {
             self.err(
@@ -331,7 +331,7 @@ impl Ctx {
         header: Range<usize>,
         t: &DeTable<'_>,
         refs: &mut Vec<(String, Range<usize>, String)>,
-    ) -> Option<(Rule, Range<usize>)> {
+    ) -> Option<Rule> {
         let prefix = format!("rules[{i}]");
         let before = self.errors.len();
         let mut name = None;
@@ -417,21 +417,20 @@ impl Ctx {
                 );
             }
         }
+        let line = self.line(header.start);
+        let name = name.unwrap_or_else(|| format!("rule {}", i + 1));
+        self.names.push((name.clone(), line, name_span));
         if self.errors.len() > before {
             return None;
         }
-        let line = self.line(header.start);
-        Some((
-            Rule {
-                name: name.unwrap_or_else(|| format!("rule {}", i + 1)),
-                action: action?,
-                from: from?,
-                to: to?,
-                ports: ports.unwrap_or_else(|| vec![PortRange::ANY]),
-                line,
-            },
-            name_span,
-        ))
+        Some(Rule {
+            name,
+            action: action?,
+            from: from?,
+            to: to?,
+            ports: ports.unwrap_or_else(|| vec![PortRange::ANY]),
+            line,
+        })
     }
 }
 

@@ -2,6 +2,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+use crate::compile::Storage;
 use crate::*;
 
 fn errs(src: &str) -> Vec<PolicyError> {
@@ -147,6 +148,13 @@ fn toml_syntax_error_has_its_line() {
 
     let e = errs("default = \"deny\"\n\n\nfoo = = 1\n");
     assert_eq!(e[0].line, 4, "{e:#?}");
+
+    one(
+        "default = \"deny\"\n[[rules]]\nfrom = [\"*\"]\nfrom = [\"*\"]\n",
+        4,
+        "syntax",
+        "invalid TOML: duplicate key (at `from`)",
+    );
 }
 
 #[test]
@@ -817,10 +825,16 @@ fn compiled_filter_agrees_with_the_naive_scan() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut matched = 0;
     let mut defaulted = 0;
-    for round in 0..20 {
-        let rules = [1, 5, 30, 100, 200, 400][round % 6];
+    let (mut dense, mut sparse) = (0, 0);
+    for round in 0..24 {
+        let rules = [1, 5, 30, 100, 200, 400, 1000, 50][round % 8];
         let spec = rand_spec(&mut rng, rules);
-        let f = Filter::compile(&spec);
+        // Sets stored as the heuristic picks, and each path on its own.
+        let storage = [Storage::Auto, Storage::AllSparse, Storage::AllDense][round % 3];
+        let f = Filter::compile_with(&spec, storage);
+        let st = f.stats();
+        dense += st.dense_sets;
+        sparse += st.sets - st.dense_sets;
         for _ in 0..1500 {
             let (s, d) = (rand_ip(&mut rng), rand_ip(&mut rng));
             let proto = PROTOS[rng.below(5) as usize];
@@ -863,4 +877,85 @@ fn compiled_filter_agrees_with_the_naive_scan() {
     }
     // The test exercises both rules and the default.
     assert!(matched > 5000 && defaulted > 3000, "{matched} {defaulted}");
+    // ... and both ways of storing rule sets.
+    assert!(
+        dense > 50 && sparse > 50,
+        "{dense} dense, {sparse} sparse sets"
+    );
+}
+
+/// Many narrow rules: each address is in few rules, so rule sets are sparse
+/// and the intersection probes sets whose words sit at different indices.
+#[test]
+fn compiled_filter_agrees_with_the_naive_scan_on_narrow_rules() {
+    let mut rng = Rng(0x0123_4567_89ab_cdef);
+    let addr = |i: u64| Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i as u32);
+    let mut matched = 0;
+    for round in 0..6 {
+        let universe = 2000;
+        let n = 3000;
+        let rules: Vec<FilterRule> = (0..n)
+            .map(|i| {
+                let wide = rng.below(300) == 0;
+                let pick = |rng: &mut Rng| {
+                    if wide {
+                        vec![Ipv4Net::new(addr(rng.below(universe)), 24).unwrap().trunc()]
+                    } else {
+                        (0..1 + rng.below(2))
+                            .map(|_| Ipv4Net::new(addr(rng.below(universe)), 32).unwrap())
+                            .collect()
+                    }
+                };
+                FilterRule {
+                    name: format!("r{i}"),
+                    allow: rng.below(2) == 0,
+                    src: pick(&mut rng),
+                    dst: pick(&mut rng),
+                    ports: (0..1 + rng.below(2))
+                        .map(|_| rand_ports(&mut rng))
+                        .collect(),
+                }
+            })
+            .collect();
+        let spec = FilterSpec {
+            default_allow: rng.below(2) == 0,
+            rules,
+        };
+        let storage = [Storage::Auto, Storage::AllSparse, Storage::AllDense][round % 3];
+        let f = Filter::compile_with(&spec, storage);
+        if storage == Storage::Auto {
+            let st = f.stats();
+            assert!(st.sets - st.dense_sets > 1000, "{st:?}");
+        }
+        for _ in 0..3000 {
+            let (s, d) = if rng.below(2) == 0 {
+                let r = &spec.rules[rng.below(n) as usize];
+                let host = |n: &Ipv4Net, rng: &mut Rng| {
+                    Ipv4Addr::from(
+                        u32::from(n.network()) + rng.below(1 << (32 - n.prefix_len())) as u32,
+                    )
+                };
+                (host(&r.src[0], &mut rng), host(&r.dst[0], &mut rng))
+            } else {
+                (addr(rng.below(universe)), addr(rng.below(universe)))
+            };
+            let proto = PROTOS[rng.below(5) as usize];
+            let port = rand_port(&mut rng);
+            let want = naive(&spec, s, d, proto, port);
+            assert_eq!(
+                f.decide(s, d, proto, port),
+                want,
+                "round {round}: {s} -> {d} proto {proto} port {port}"
+            );
+            matched += want.rule.is_some() as usize;
+        }
+    }
+    assert!(matched > 2000, "{matched}");
+}
+
+#[test]
+fn debug_output_stays_small() {
+    let spec = rand_spec(&mut Rng(7), 400);
+    let s = format!("{:?}", Filter::compile(&spec));
+    assert!(s.starts_with("Filter {") && s.len() < 400, "{s}");
 }
