@@ -77,9 +77,11 @@ impl ServerLab {
 
     /// `trellis logs flows --json` (JSON lines) of the default account.
     fn flows(&self) -> Vec<Value> {
-        let out = self
-            .lab
-            .admin_ok(&self.srv, &self.key, &["logs", "flows", "--json", "--limit", "1000"]);
+        let out = self.lab.admin_ok(
+            &self.srv,
+            &self.key,
+            &["logs", "flows", "--json", "--limit", "1000"],
+        );
         out.lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| {

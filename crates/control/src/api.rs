@@ -11,7 +11,7 @@ use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Req
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -137,10 +137,13 @@ struct AccountQuery {
     account: Option<String>,
 }
 
-/// An authenticated admin call: the account it acts on, and whether the key is the operator's.
+/// An authenticated admin call: the account it acts on, whether the key is
+/// the operator's, and who acts (for the audit log).
 pub struct Admin {
     pub account: Account,
     pub operator: bool,
+    /// `operator`, or `account-key:ACCOUNT` for an account's own key.
+    pub actor: String,
 }
 
 impl FromRequestParts<AppState> for Admin {
@@ -166,6 +169,11 @@ impl FromRequestParts<AppState> for Admin {
                     format!("bad query string: {}", e.body_text()),
                 )
             })?;
+        let actor = if operator {
+            "operator".to_string()
+        } else {
+            format!("account-key:{}", own.name)
+        };
         let account = match query.0.account {
             None => own,
             Some(name) if name == own.name => own,
@@ -187,7 +195,11 @@ impl FromRequestParts<AppState> for Admin {
                 ))
             }
         };
-        Ok(Admin { account, operator })
+        Ok(Admin {
+            account,
+            operator,
+            actor,
+        })
     }
 }
 
@@ -242,7 +254,10 @@ pub async fn create_account(
     if let Some(c) = &req.cidr {
         validate_cidr(c).map_err(|e| ApiErr::new(StatusCode::BAD_REQUEST, e))?;
     }
-    let (account, api_key) = st.store.create_account(&req.name, req.cidr, now()).await?;
+    let (account, api_key) = st
+        .store
+        .create_account(&req.name, req.cidr, now(), &admin.actor)
+        .await?;
     tracing::info!(account = %account.name, cidr = %account.cidr, "account created");
     Ok((
         StatusCode::CREATED,
@@ -280,7 +295,7 @@ pub async fn create_token(
     ApiJson(req): ApiJson<CreateTokenRequest>,
 ) -> Result<(StatusCode, Json<CreateTokenResponse>), ApiErr> {
     let ttl = req.ttl_secs.unwrap_or(3600);
-    let (token, expires_at) = st
+    let (id, token, expires_at) = st
         .store
         .create_token(
             admin.account.id,
@@ -289,6 +304,7 @@ pub async fn create_token(
             ttl,
             &req.tags,
             now(),
+            &admin.actor,
         )
         .await?;
     tracing::info!(
@@ -301,6 +317,7 @@ pub async fn create_token(
         StatusCode::CREATED,
         Json(CreateTokenResponse {
             token,
+            id,
             account: admin.account.name,
             reusable: req.reusable,
             expires_at,
@@ -326,7 +343,7 @@ pub async fn list_nodes(
     Ok(Json(out))
 }
 
-fn node_info(st: &AppState, account: &Account, n: &Node) -> NodeInfo {
+pub(crate) fn node_info(st: &AppState, account: &Account, n: &Node) -> NodeInfo {
     let online = st.hub.is_online(n.id);
     NodeInfo {
         id: n.id,
@@ -364,7 +381,7 @@ pub async fn rename_node(
     validate_name("node", &req.name).map_err(|e| ApiErr::new(StatusCode::BAD_REQUEST, e))?;
     let node = st
         .store
-        .rename_node(&admin.account, &name, &req.name)
+        .rename_node(&admin.account, &name, &req.name, &admin.actor)
         .await?;
     if name != node.name {
         st.hub.notify(admin.account.id);
@@ -432,7 +449,7 @@ pub async fn approve_route(
     }
     let entry = st
         .store
-        .approve_route(&admin.account, &req.node, &req.cidr, now())
+        .approve_route(&admin.account, &req.node, &req.cidr, now(), &admin.actor)
         .await?;
     st.hub.notify(admin.account.id);
     tracing::info!(account = %admin.account.name, node = %req.node, cidr = %req.cidr, "route approved");
@@ -503,7 +520,7 @@ pub async fn add_dns(
         )));
     }
     st.store
-        .add_dns_record(&admin.account, &req.name, req.addr, now())
+        .add_dns_record(&admin.account, &req.name, req.addr, now(), &admin.actor)
         .await?;
     st.hub.notify(admin.account.id);
     tracing::info!(account = %admin.account.name, %fqdn, addr = %req.addr, "DNS record added");
@@ -529,7 +546,9 @@ pub async fn delete_dns(
     admin: Admin,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiErr> {
-    st.store.delete_dns_record(&admin.account, &name).await?;
+    st.store
+        .delete_dns_record(&admin.account, &name, &admin.actor)
+        .await?;
     st.hub.notify(admin.account.id);
     tracing::info!(account = %admin.account.name, record = %name, "DNS record removed");
     Ok(StatusCode::NO_CONTENT)
@@ -547,7 +566,10 @@ pub async fn delete_node(
     admin: Admin,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiErr> {
-    let node = st.store.delete_node(&admin.account, &name, now()).await?;
+    let node = st
+        .store
+        .delete_node(&admin.account, &name, now(), &admin.actor)
+        .await?;
     st.relay.hub.revoke(&node.public_key.0);
     st.hub.kick(
         node.id,
@@ -720,11 +742,20 @@ impl Modify for BearerAuth {
     info(title = "Trellis control plane", description = "Accounts, join tokens, nodes, subnet routes, DNS names and the node control stream of a Trellis mesh."),
     paths(health, openapi_json, create_account, list_accounts, create_token, list_nodes,
         delete_node, rename_node, list_routes, approve_route, list_dns, add_dns, delete_dns,
-        enroll, node_stream, relay_ws, crate::flows::list_flows, crate::flows::stream_flows),
+        enroll, node_stream, relay_ws, crate::flows::list_flows, crate::flows::stream_flows,
+        crate::tokens::list_tokens, crate::tokens::revoke_token, crate::tokens::set_node_tags,
+        crate::policy::get_policy, crate::policy::put_policy, crate::policy::policy_history,
+        crate::policy::restore_policy, crate::policy::test_policy, crate::audit::list_audit),
     components(schemas(ApiError, AccountInfo, CreateAccountRequest, CreateAccountResponse,
         CreateTokenRequest, CreateTokenResponse, NodeInfo, EnrollRequest, EnrollResponse,
         RouteInfo, ApproveRouteRequest, DnsRecordInfo, RenameNodeRequest,
-        trellis_proto::FlowLogPage, trellis_proto::FlowLogRecord)),
+        trellis_proto::FlowLogPage, trellis_proto::FlowLogRecord,
+        trellis_proto::TokenInfo, trellis_proto::SetTagsRequest, trellis_proto::PolicyInfo,
+        trellis_proto::SetPolicyRequest, trellis_proto::SetPolicyResponse,
+        trellis_proto::PolicyProblem, trellis_proto::PolicyRejected,
+        trellis_proto::PolicyVersionInfo, trellis_proto::RestorePolicyRequest,
+        trellis_proto::PolicyTestRequest, trellis_proto::PolicyTestResponse,
+        trellis_proto::AuditEntry)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -742,6 +773,17 @@ pub fn router(state: AppState) -> Router {
         .route("/routes/approve", post(approve_route))
         .route("/dns", get(list_dns).post(add_dns))
         .route("/dns/{name}", delete(delete_dns))
+        .route("/tokens", get(crate::tokens::list_tokens))
+        .route("/tokens/{id}", delete(crate::tokens::revoke_token))
+        .route("/nodes/{name}/tags", put(crate::tokens::set_node_tags))
+        .route(
+            "/policy",
+            get(crate::policy::get_policy).put(crate::policy::put_policy),
+        )
+        .route("/policy/history", get(crate::policy::policy_history))
+        .route("/policy/restore", post(crate::policy::restore_policy))
+        .route("/policy/test", post(crate::policy::test_policy))
+        .route("/audit", get(crate::audit::list_audit))
         .route("/enroll", post(enroll))
         .route("/node/stream", get(node_stream))
         .route("/relay", get(relay_ws))

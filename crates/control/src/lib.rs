@@ -19,12 +19,15 @@
 //! ```
 
 pub mod api;
+pub mod audit;
 pub mod flows;
 pub mod map;
 pub mod mesh;
+pub mod policy;
 pub mod relay;
 pub mod store;
 pub mod stream;
+pub mod tokens;
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::Write;

@@ -20,14 +20,17 @@ use sha2::{Digest, Sha256};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{FromRow, SqlitePool};
 use sqlx::{Sqlite, Transaction};
-use trellis_proto::{sanitize_name, validate_name, NodeKey, OVERLAY_SPACE};
+use trellis_proto::{sanitize_name, validate_name, NodeKey, TokenInfo, OVERLAY_SPACE};
 
+use crate::audit::{self, action};
 use crate::mesh::{validate_record_addr, validate_record_name, validate_routes, ApprovedRoute};
 
 /// Name of the account created on first start.
 pub const DEFAULT_ACCOUNT: &str = "default";
 /// Block of the default account.
 pub const DEFAULT_CIDR: &str = "100.64.0.0/16";
+/// Most tags one node carries.
+pub const MAX_NODE_TAGS: usize = 64;
 /// Longest join-token lifetime: one year.
 pub const MAX_TOKEN_TTL_SECS: u64 = 365 * 24 * 3600;
 
@@ -165,6 +168,7 @@ impl TryFrom<NodeRow> for Node {
 struct TokenRow {
     id: i64,
     account_id: i64,
+    revoked_at: Option<i64>,
     reusable: bool,
     expires_at: i64,
     uses: i64,
@@ -340,6 +344,9 @@ impl Store {
             .run(&pool)
             .await
             .with_context(|| format!("migrating database {}", path.display()))?;
+        crate::policy::ensure_policies(&pool, crate::api::now())
+            .await
+            .with_context(|| format!("giving every account a policy in {}", path.display()))?;
         Ok(Store { pool })
     }
 
@@ -356,6 +363,7 @@ impl Store {
             .bind(now)
             .execute(&self.pool)
             .await?;
+        crate::policy::ensure_policies(&self.pool, now).await?;
         self.account_by_name(DEFAULT_ACCOUNT)
             .await?
             .ok_or_else(|| StoreError::Corrupt("account default vanished".into()))
@@ -445,6 +453,7 @@ impl Store {
         name: &str,
         cidr: Option<Ipv4Net>,
         now: i64,
+        actor: &str,
     ) -> StoreResult<(Account, String)> {
         validate_name("account", name).map_err(StoreError::Invalid)?;
         if let Some(c) = &cidr {
@@ -491,6 +500,16 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        crate::policy::insert_initial(&mut tx, id, now).await?;
+        audit::record(
+            &mut tx,
+            id,
+            actor,
+            action::ACCOUNT_CREATE,
+            name,
+            &format!("block {cidr}"),
+        )
+        .await?;
         tx.commit().await?;
         Ok((
             Account {
@@ -503,7 +522,8 @@ impl Store {
         ))
     }
 
-    /// Creates a join token; returns the plaintext token and its expiry.
+    /// Creates a join token; returns its id, the plaintext token and its expiry.
+    #[allow(clippy::too_many_arguments)]
     pub async fn create_token(
         &self,
         account_id: i64,
@@ -512,7 +532,8 @@ impl Store {
         ttl_secs: u64,
         tags: &[String],
         now: i64,
-    ) -> StoreResult<(String, i64)> {
+        actor: &str,
+    ) -> StoreResult<(i64, String, i64)> {
         if ttl_secs == 0 {
             return Err(StoreError::Invalid(
                 "ttl_secs must be at least 1 second (default 3600)".into(),
@@ -531,20 +552,124 @@ impl Store {
         let token = new_secret("trj_");
         let tags_json =
             serde_json::to_string(tags).map_err(|e| StoreError::Invalid(format!("tags: {e}")))?;
-        sqlx::query(
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let id: i64 = sqlx::query_scalar(
             "INSERT INTO join_tokens (token_hash, account_id, reusable, routes_auto_approve, expires_at, \
-             uses, tags, created_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+             uses, tags, created_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?) RETURNING id",
         )
         .bind(hash_secret(&token))
         .bind(account_id)
         .bind(reusable)
         .bind(routes_auto_approve)
         .bind(expires_at)
-        .bind(tags_json)
+        .bind(&tags_json)
         .bind(now)
-        .execute(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
-        Ok((token, expires_at))
+        let detail = format!(
+            "{}, expires {}, tags {tags_json}{}",
+            if reusable { "reusable" } else { "single-use" },
+            rfc3339(expires_at),
+            if routes_auto_approve {
+                ", routes auto-approved"
+            } else {
+                ""
+            }
+        );
+        audit::record(
+            &mut tx,
+            account_id,
+            actor,
+            action::TOKEN_CREATE,
+            &format!("token {id}"),
+            &detail,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok((id, token, expires_at))
+    }
+
+    /// The join tokens of `account_id`, newest first.
+    pub async fn list_tokens(&self, account_id: i64) -> StoreResult<Vec<TokenInfo>> {
+        #[derive(FromRow)]
+        struct Row {
+            id: i64,
+            reusable: bool,
+            routes_auto_approve: bool,
+            expires_at: i64,
+            uses: i64,
+            tags: String,
+            revoked_at: Option<i64>,
+            created_at: i64,
+        }
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, reusable, routes_auto_approve, expires_at, uses, tags, revoked_at, created_at \
+             FROM join_tokens WHERE account_id = ? ORDER BY id DESC",
+        )
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(TokenInfo {
+                    tags: serde_json::from_str(&r.tags).map_err(|_| {
+                        StoreError::Corrupt(format!("join token {} has bad tags", r.id))
+                    })?,
+                    id: r.id,
+                    reusable: r.reusable,
+                    routes_auto_approve: r.routes_auto_approve,
+                    expires_at: r.expires_at,
+                    uses: r.uses,
+                    revoked: r.revoked_at.is_some(),
+                    created_at: r.created_at,
+                })
+            })
+            .collect()
+    }
+
+    /// Revokes join token `id` of `account`: it enrolls nothing from now on.
+    /// Revoking a revoked token changes nothing.
+    pub async fn revoke_token(
+        &self,
+        account: &Account,
+        id: i64,
+        now: i64,
+        actor: &str,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let revoked: Option<Option<i64>> = sqlx::query_scalar(
+            "SELECT revoked_at FROM join_tokens WHERE id = ? AND account_id = ?",
+        )
+        .bind(id)
+        .bind(account.id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match revoked {
+            None => {
+                return Err(StoreError::NotFound(format!(
+                    "no join token with id {id} in account {:?}; see `trellis token list`",
+                    account.name
+                )))
+            }
+            Some(Some(_)) => return Ok(()),
+            Some(None) => {}
+        }
+        sqlx::query("UPDATE join_tokens SET revoked_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        audit::record(
+            &mut tx,
+            account.id,
+            actor,
+            action::TOKEN_REVOKE,
+            &format!("token {id}"),
+            "",
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Enrolls a node: checks the token, allocates a name and an address, stores
@@ -554,7 +679,7 @@ impl Store {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
 
         let token: Option<TokenRow> = sqlx::query_as(
-            "SELECT id, account_id, reusable, expires_at, uses, tags, routes_auto_approve FROM join_tokens \
+            "SELECT id, account_id, reusable, expires_at, uses, tags, routes_auto_approve, revoked_at FROM join_tokens \
              WHERE token_hash = ?",
         )
         .bind(hash_secret(req.token.trim()))
@@ -565,6 +690,12 @@ impl Store {
                 "join token not recognised — check it was copied whole, or create a new one with `trellis token create`".into(),
             )
         })?;
+        if let Some(at) = token.revoked_at {
+            return Err(StoreError::Unauthorized(format!(
+                "join token was revoked by an admin at {} — ask for a new one (`trellis token create`)",
+                rfc3339(at)
+            )));
+        }
         if token.expires_at <= now {
             return Err(StoreError::Unauthorized(format!(
                 "join token expired at {} — create a new one",
@@ -786,7 +917,13 @@ impl Store {
     }
 
     /// Deletes a node by name and revokes its key for good. Returns the deleted node.
-    pub async fn delete_node(&self, account: &Account, name: &str, now: i64) -> StoreResult<Node> {
+    pub async fn delete_node(
+        &self,
+        account: &Account,
+        name: &str,
+        now: i64,
+        actor: &str,
+    ) -> StoreResult<Node> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let row: Option<NodeRow> = sqlx::query_as(&format!(
             "SELECT {NODE_COLUMNS} FROM nodes WHERE account_id = ? AND name = ?"
@@ -815,6 +952,15 @@ impl Store {
         .bind(account.id)
         .bind(now)
         .execute(&mut *tx)
+        .await?;
+        audit::record(
+            &mut tx,
+            account.id,
+            actor,
+            action::NODE_DELETE,
+            &node.name,
+            &format!("ip {}, key {} revoked", node.ip, node.public_key),
+        )
         .await?;
         tx.commit().await?;
         Ok(node)
@@ -892,8 +1038,8 @@ async fn approve_in(
     node_id: i64,
     cidr: &str,
     now: i64,
-) -> StoreResult<()> {
-    sqlx::query(
+) -> StoreResult<bool> {
+    let done = sqlx::query(
         "UPDATE routes SET approved_seq = (SELECT COALESCE(MAX(approved_seq), 0) + 1 FROM routes), \
          approved_at = ? WHERE node_id = ? AND cidr = ? AND approved_seq IS NULL",
     )
@@ -902,7 +1048,7 @@ async fn approve_in(
     .bind(cidr)
     .execute(&mut **tx)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 const ROUTE_SELECT: &str = "SELECT r.node_id, n.name AS node_name, r.cidr, r.approved_seq \
@@ -952,6 +1098,7 @@ impl Store {
         node_name: &str,
         cidr: &Ipv4Net,
         now: i64,
+        actor: &str,
     ) -> StoreResult<RouteEntry> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let node_id: Option<i64> = node_named(&mut tx, account.id, node_name).await?;
@@ -968,7 +1115,17 @@ impl Store {
                 "node {node_name:?} does not advertise {cidr}; see `trellis routes list` (a node advertises subnets with `trellis join --advertise-routes`)"
             )));
         }
-        approve_in(&mut tx, node_id, &text, now).await?;
+        if approve_in(&mut tx, node_id, &text, now).await? {
+            audit::record(
+                &mut tx,
+                account.id,
+                actor,
+                action::ROUTE_APPROVE,
+                &text,
+                &format!("via node {node_name}"),
+            )
+            .await?;
+        }
         let row: RouteRow = sqlx::query_as(&format!(
             "{ROUTE_SELECT} WHERE r.node_id = ? AND r.cidr = ?"
         ))
@@ -1004,6 +1161,7 @@ impl Store {
         name: &str,
         addr: IpAddr,
         now: i64,
+        actor: &str,
     ) -> StoreResult<()> {
         validate_record_name(name).map_err(StoreError::Invalid)?;
         validate_record_addr(&addr).map_err(StoreError::Invalid)?;
@@ -1030,23 +1188,50 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        audit::record(
+            &mut tx,
+            account.id,
+            actor,
+            action::DNS_ADD,
+            name,
+            &format!("-> {addr}"),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
 
     /// Removes the extra record `name`.
-    pub async fn delete_dns_record(&self, account: &Account, name: &str) -> StoreResult<()> {
-        let done = sqlx::query("DELETE FROM dns_records WHERE account_id = ? AND name = ?")
-            .bind(account.id)
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 0 {
+    pub async fn delete_dns_record(
+        &self,
+        account: &Account,
+        name: &str,
+        actor: &str,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let addr: Option<String> = sqlx::query_scalar(
+            "DELETE FROM dns_records WHERE account_id = ? AND name = ? RETURNING addr",
+        )
+        .bind(account.id)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(addr) = addr else {
             return Err(StoreError::NotFound(format!(
                 "no DNS record named {name:?} in account {:?}; see `trellis dns list`",
                 account.name
             )));
-        }
+        };
+        audit::record(
+            &mut tx,
+            account.id,
+            actor,
+            action::DNS_REMOVE,
+            name,
+            &format!("was -> {addr}"),
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1057,6 +1242,7 @@ impl Store {
         account: &Account,
         name: &str,
         new_name: &str,
+        actor: &str,
     ) -> StoreResult<Node> {
         validate_name("node", new_name).map_err(StoreError::Invalid)?;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
@@ -1093,9 +1279,77 @@ impl Store {
             .bind(node.id)
             .execute(&mut *tx)
             .await?;
+        audit::record(
+            &mut tx,
+            account.id,
+            actor,
+            action::NODE_RENAME,
+            new_name,
+            &format!("{name} -> {new_name}"),
+        )
+        .await?;
         tx.commit().await?;
         node.name = new_name.to_string();
         Ok(node)
+    }
+
+    /// Replaces the tags of node `name` (each checked like a name; duplicates
+    /// dropped, order kept). Returns the node, and whether its tags changed.
+    pub async fn set_node_tags(
+        &self,
+        account: &Account,
+        name: &str,
+        tags: &[String],
+        actor: &str,
+    ) -> StoreResult<(Node, bool)> {
+        let mut clean: Vec<String> = Vec::with_capacity(tags.len());
+        for t in tags {
+            validate_name("tag", t).map_err(StoreError::Invalid)?;
+            if !clean.contains(t) {
+                clean.push(t.clone());
+            }
+        }
+        if clean.len() > MAX_NODE_TAGS {
+            return Err(StoreError::Invalid(format!(
+                "{} tags given; a node carries at most {MAX_NODE_TAGS}",
+                clean.len()
+            )));
+        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let row: Option<NodeRow> = sqlx::query_as(&format!(
+            "SELECT {NODE_COLUMNS} FROM nodes WHERE account_id = ? AND name = ?"
+        ))
+        .bind(account.id)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let mut node = match row {
+            Some(r) => Node::try_from(r)?,
+            None => return Err(no_node(account, name)),
+        };
+        if node.tags == clean {
+            return Ok((node, false));
+        }
+        let json =
+            serde_json::to_string(&clean).map_err(|e| StoreError::Invalid(format!("tags: {e}")))?;
+        sqlx::query("UPDATE nodes SET tags = ? WHERE id = ?")
+            .bind(&json)
+            .bind(node.id)
+            .execute(&mut *tx)
+            .await?;
+        let old = serde_json::to_string(&node.tags).unwrap_or_default();
+        audit::record(
+            &mut tx,
+            account.id,
+            actor,
+            action::NODE_TAG,
+            name,
+            &format!("{old} -> {json}"),
+        )
+        .await?;
+        tx.commit().await?;
+        node.tags = clean;
+        Ok((node, true))
     }
 }
 

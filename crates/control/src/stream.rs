@@ -140,13 +140,17 @@ pub async fn account_view(
         .context("loading the account's DNS records")?;
     let primaries = state.hub.primaries(account.id, &approved, &online);
     let dns = dns_config(&account, &nodes, &records, &state.dns_suffix);
+    let filter = crate::policy::effective_filter(&state.store, &account, &nodes)
+        .await
+        .context("loading the account's policy")?
+        .map(|(_, spec)| spec);
     Ok(Some(AccountView {
         account,
         nodes,
         online,
         routes: routes_by_node(&primaries),
         dns: Some(dns),
-        filter: None,
+        filter,
     }))
 }
 

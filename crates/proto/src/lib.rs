@@ -15,9 +15,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub use trellis_policy::FilterSpec;
 use utoipa::ToSchema;
 
+pub mod admin_policy;
 pub mod frames;
 pub mod logs;
 pub use logs::{FlowLogPage, FlowLogRecord};
+
+pub use admin_policy::*;
 
 /// The block every account's overlay addresses come from (RFC 6598 shared space).
 pub const OVERLAY_SPACE: &str = "100.64.0.0/10";
@@ -172,6 +175,9 @@ pub struct CreateTokenRequest {
 pub struct CreateTokenResponse {
     /// The join token. Shown once; the server keeps only its hash.
     pub token: String,
+    /// Its id, for `trellis token list` and `trellis token revoke ID`.
+    #[serde(default)]
+    pub id: i64,
     pub account: String,
     pub reusable: bool,
     /// Unix seconds.

@@ -6,12 +6,16 @@ use anyhow::{anyhow, bail, Context};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use trellis_proto::{
-    AccountInfo, ApiError, ApproveRouteRequest, CreateAccountRequest, CreateAccountResponse,
-    CreateTokenRequest, CreateTokenResponse, DnsRecordInfo, FlowLogPage, FlowLogRecord, NodeInfo,
-    RenameNodeRequest, RouteInfo,
+    AccountInfo, ApiError, ApproveRouteRequest, AuditEntry, CreateAccountRequest,
+    CreateAccountResponse, CreateTokenRequest, CreateTokenResponse, DnsRecordInfo, FlowLogPage,
+    FlowLogRecord, NodeInfo, PolicyInfo, PolicyRejected, PolicyTestRequest, PolicyTestResponse,
+    PolicyVersionInfo, RenameNodeRequest, RestorePolicyRequest, RouteInfo, SetPolicyRequest,
+    SetPolicyResponse, SetTagsRequest, TokenInfo,
 };
 
-use crate::{AccountCmd, AdminOpts, DnsCmd, FlowsArgs, LogsCmd, NodesCmd, RoutesCmd, TokenCmd};
+use crate::{
+    AccountCmd, AdminOpts, DnsCmd, FlowsArgs, LogsCmd, NodesCmd, PolicyCmd, RoutesCmd, TokenCmd,
+};
 
 const DEFAULT_KEY_FILE: &str = "trellis-data/admin.key";
 
@@ -103,6 +107,45 @@ impl Client {
             .context("the server's answer was not understood")
     }
 
+    async fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let r = self.send(self.http.put(self.url(path)).json(body)).await?;
+        r.json()
+            .await
+            .context("the server's answer was not understood")
+    }
+
+    /// Sends a policy change; a refused policy comes back as its problems.
+    async fn policy_change(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> anyhow::Result<Result<SetPolicyResponse, PolicyRejected>> {
+        let resp = req
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the Trellis server at {}", self.base))?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        if status.is_success() {
+            return serde_json::from_str(&text)
+                .map(Ok)
+                .context("the server's answer was not understood");
+        }
+        if status == reqwest::StatusCode::BAD_REQUEST {
+            if let Ok(rej) = serde_json::from_str::<PolicyRejected>(&text) {
+                return Ok(Err(rej));
+            }
+        }
+        let msg = serde_json::from_str::<ApiError>(&text)
+            .map(|e| e.error)
+            .unwrap_or(text);
+        bail!("{msg} ({status})")
+    }
+
     async fn delete(&self, path: &str) -> anyhow::Result<()> {
         self.send(self.http.delete(self.url(path))).await?;
         Ok(())
@@ -188,15 +231,64 @@ pub async fn token(opts: &AdminOpts, cmd: TokenCmd) -> anyhow::Result<()> {
                 )
                 .await?;
             eprintln!(
-                "{} join token for account {} (expires in {ttl}); join with:\n  trellis join --server {} --token <TOKEN>",
+                "{} join token {} for account {} (expires in {ttl}; revoke with `trellis token revoke {}`); join with:\n  trellis join --server {} --token <TOKEN>",
                 if r.reusable { "reusable" } else { "single-use" },
+                r.id,
                 r.account,
+                r.id,
                 c.base
             );
             println!("{}", r.token);
         }
+        TokenCmd::List { json } => {
+            let v: Vec<TokenInfo> = c.get("/tokens").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            if v.is_empty() {
+                eprintln!("no join tokens (create one with `trellis token create`)");
+                return Ok(());
+            }
+            let now = unix_now();
+            println!(
+                "{:<6} {:<11} {:<5} {:<22} {:<9} TAGS",
+                "ID", "KIND", "USES", "EXPIRES", "STATE"
+            );
+            for t in v {
+                let state = if t.revoked {
+                    "revoked"
+                } else if t.expires_at <= now {
+                    "expired"
+                } else if !t.reusable && t.uses > 0 {
+                    "used"
+                } else {
+                    "usable"
+                };
+                println!(
+                    "{:<6} {:<11} {:<5} {:<22} {:<9} {}",
+                    t.id,
+                    if t.reusable { "reusable" } else { "single-use" },
+                    t.uses,
+                    trellis_control::store::rfc3339(t.expires_at),
+                    state,
+                    t.tags.join(",")
+                );
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            c.delete(&format!("/tokens/{id}")).await?;
+            eprintln!("join token {id} revoked: it enrolls nothing from now on (nodes already enrolled stay; remove them with `trellis nodes delete`)");
+        }
     }
     Ok(())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 pub async fn nodes(opts: &AdminOpts, cmd: NodesCmd) -> anyhow::Result<()> {
@@ -209,13 +301,10 @@ pub async fn nodes(opts: &AdminOpts, cmd: NodesCmd) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<24} {:<16} {:<8} {:<20}",
+                "{:<24} {:<16} {:<8} {:<20} TAGS",
                 "NAME", "IP", "ONLINE", "LAST SEEN"
             );
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0);
+            let now = unix_now();
             for n in v {
                 let seen = match (n.online, n.last_seen) {
                     (true, _) => "now".to_string(),
@@ -223,11 +312,12 @@ pub async fn nodes(opts: &AdminOpts, cmd: NodesCmd) -> anyhow::Result<()> {
                     (false, None) => "never".to_string(),
                 };
                 println!(
-                    "{:<24} {:<16} {:<8} {:<20}",
+                    "{:<24} {:<16} {:<8} {:<20} {}",
                     n.name,
                     n.ip.to_string(),
                     if n.online { "yes" } else { "no" },
-                    seen
+                    seen,
+                    n.tags.join(",")
                 );
             }
         }
@@ -247,8 +337,218 @@ pub async fn nodes(opts: &AdminOpts, cmd: NodesCmd) -> anyhow::Result<()> {
                 .await?;
             eprintln!("node {name} is now {} ({})", n.name, n.ip);
         }
+        NodesCmd::Tag { name, tags, clear } => {
+            trellis_proto::validate_name("node", &name).map_err(|e| anyhow!(e))?;
+            let tags = if clear { Vec::new() } else { tags };
+            for t in &tags {
+                trellis_proto::validate_name("tag", t).map_err(|e| anyhow!(e))?;
+            }
+            let n: NodeInfo = c
+                .put(&format!("/nodes/{name}/tags"), &SetTagsRequest { tags })
+                .await?;
+            if n.tags.is_empty() {
+                eprintln!("node {} has no tags now", n.name);
+            } else {
+                eprintln!("node {} is tagged {}", n.name, n.tags.join(", "));
+            }
+        }
     }
     Ok(())
+}
+
+/// `FILE: line 7, rules[1].ports[0]: message`, one problem per line.
+pub fn policy_problems(file: &str, rej: &PolicyRejected) -> String {
+    if rej.errors.is_empty() {
+        return format!("{file}: {}", rej.error);
+    }
+    rej.errors
+        .iter()
+        .map(|e| format!("{file}: line {}, {}: {}", e.line, e.field, e.message))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Prints the outcome of a policy change; a refused policy is an error.
+fn report_change(file: &str, r: Result<SetPolicyResponse, PolicyRejected>) -> anyhow::Result<()> {
+    match r {
+        Ok(r) => {
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
+            if r.changed {
+                eprintln!(
+                    "policy version {} is in force; every node has it within a second",
+                    r.version
+                );
+            } else {
+                eprintln!("unchanged: this is already policy version {}", r.version);
+            }
+            println!("{}", r.version);
+            Ok(())
+        }
+        Err(rej) => {
+            eprintln!("{}", policy_problems(file, &rej));
+            bail!(
+                "the policy was refused ({} problem{}); nothing changed",
+                rej.errors.len(),
+                if rej.errors.len() == 1 { "" } else { "s" }
+            )
+        }
+    }
+}
+
+pub async fn policy(opts: &AdminOpts, cmd: PolicyCmd) -> anyhow::Result<()> {
+    let c = Client::new(opts)?;
+    match cmd {
+        PolicyCmd::Get { json } => {
+            let p: PolicyInfo = c.get("/policy").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+                return Ok(());
+            }
+            eprintln!(
+                "policy version {}, set by {} at {}",
+                p.version,
+                p.author,
+                trellis_control::store::rfc3339(p.created_at)
+            );
+            print!("{}", p.text);
+            if !p.text.ends_with('\n') {
+                println!();
+            }
+        }
+        PolicyCmd::Set { file } => {
+            let shown = file.display().to_string();
+            let text = if shown == "-" {
+                std::io::read_to_string(std::io::stdin())
+                    .context("reading the policy from stdin")?
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("reading {shown}"))?
+            };
+            let r = c
+                .policy_change(
+                    c.http
+                        .put(c.url("/policy"))
+                        .json(&SetPolicyRequest { text }),
+                )
+                .await?;
+            report_change(&shown, r)?;
+        }
+        PolicyCmd::Test {
+            from,
+            to,
+            port,
+            json,
+        } => {
+            let r: PolicyTestResponse = c
+                .post(
+                    "/policy/test",
+                    &PolicyTestRequest {
+                        from: from.clone(),
+                        to: to.clone(),
+                        port: port.clone(),
+                    },
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
+            println!("{}", policy_verdict(&r));
+            eprintln!("{from} ({}) -> {to} ({}) {port}", r.from_ip, r.to_ip);
+        }
+        PolicyCmd::History { json } => {
+            let v: Vec<PolicyVersionInfo> = c.get("/policy/history").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!("{:<8} {:<22} {:<6} AUTHOR", "VERSION", "CREATED", "RULES");
+            for (i, p) in v.iter().enumerate() {
+                println!(
+                    "{:<8} {:<22} {:<6} {}{}",
+                    p.version,
+                    trellis_control::store::rfc3339(p.created_at),
+                    p.rules,
+                    p.author,
+                    if i == 0 { "  (in force)" } else { "" }
+                );
+            }
+        }
+        PolicyCmd::Restore { version } => {
+            let r = c
+                .policy_change(
+                    c.http
+                        .post(c.url("/policy/restore"))
+                        .json(&RestorePolicyRequest { version }),
+                )
+                .await?;
+            report_change(&format!("version {version}"), r)?;
+        }
+    }
+    Ok(())
+}
+
+/// `allow (rule "web", policy v3)` or `deny (default, policy v3)`.
+pub fn policy_verdict(r: &PolicyTestResponse) -> String {
+    let verdict = if r.allow { "allow" } else { "deny" };
+    match &r.rule {
+        Some(rule) => format!("{verdict} (rule {rule:?}, policy v{})", r.version),
+        None => format!("{verdict} (default, policy v{})", r.version),
+    }
+}
+
+async fn audit_log(
+    c: &Client,
+    since: Option<String>,
+    limit: u32,
+    json: bool,
+) -> anyhow::Result<()> {
+    match () {
+        () => {
+            let mut path = format!("/audit?limit={limit}");
+            if let Some(s) = &since {
+                if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                    bail!("invalid --since {s:?}: use e.g. 10m, 2h, 7d or unix seconds");
+                }
+                path.push_str(&format!("&since={s}"));
+            }
+            let v: Vec<AuditEntry> = c.get(&path).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            if v.is_empty() {
+                eprintln!(
+                    "no audit entries{}",
+                    if since.is_some() { " in that time" } else { "" }
+                );
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:<24} {:<15} {:<24} DETAIL",
+                "TIME", "ACTOR", "ACTION", "TARGET"
+            );
+            // Oldest first, like a log.
+            for e in v.iter().rev() {
+                println!(
+                    "{:<24} {:<24} {:<15} {:<24} {}",
+                    rfc3339_ms(e.at_ms),
+                    e.actor,
+                    e.action,
+                    e.target,
+                    e.detail
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Unix milliseconds → "2024-05-01T12:00:00.123Z".
+fn rfc3339_ms(ms: i64) -> String {
+    let secs = trellis_control::store::rfc3339(ms.div_euclid(1000));
+    format!("{}.{:03}Z", secs.trim_end_matches('Z'), ms.rem_euclid(1000))
 }
 
 pub async fn routes(opts: &AdminOpts, cmd: RoutesCmd) -> anyhow::Result<()> {
@@ -343,6 +643,7 @@ pub async fn logs(opts: &AdminOpts, cmd: LogsCmd) -> anyhow::Result<()> {
     let c = Client::new(opts)?;
     match cmd {
         LogsCmd::Flows(args) => flows(&c, &args, &mut std::io::stdout()).await,
+        LogsCmd::Audit { since, limit, json } => audit_log(&c, since, limit, json).await,
     }
 }
 
@@ -726,6 +1027,191 @@ mod tests {
 
         let _ = stop.send(());
         task.await.unwrap().unwrap();
+    }
+
+    /// The policy, token, tag and audit commands against a real control plane.
+    #[tokio::test]
+    async fn policy_token_tag_and_audit_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = trellis_control::Server::start(trellis_control::Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            public_url: None,
+            edge_udp: None,
+            dns_suffix: "mesh".into(),
+            flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
+        })
+        .await
+        .unwrap();
+        let url = server.url();
+        let key = std::fs::read_to_string(server.admin_key_path()).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async move {
+            let _ = stopped.await;
+        }));
+        let opts = AdminOpts {
+            server: url.clone(),
+            api_key: Some(key),
+            account: None,
+        };
+        let c = Client::new(&opts).unwrap();
+        let t: CreateTokenResponse = c
+            .post(
+                "/tokens",
+                &CreateTokenRequest {
+                    reusable: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        for (k, name) in [(1u8, "db-1"), (2, "laptop")] {
+            let r = reqwest::Client::new()
+                .post(format!("{url}/api/v1/enroll"))
+                .json(&EnrollRequest {
+                    token: t.token.clone(),
+                    public_key: NodeKey([k; 32]),
+                    name: Some(name.into()),
+                    hostname: String::new(),
+                    os: String::new(),
+                    version: String::new(),
+                    advertise_routes: vec![],
+                })
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success());
+        }
+        nodes(
+            &opts,
+            NodesCmd::Tag {
+                name: "db-1".into(),
+                tags: vec!["db".into()],
+                clear: false,
+            },
+        )
+        .await
+        .unwrap();
+        let e = nodes(
+            &opts,
+            NodesCmd::Tag {
+                name: "db-1".into(),
+                tags: vec!["Bad Tag".into()],
+                clear: false,
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("invalid tag name"), "{e}");
+
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "default = \"deny\"\n[[rules]]\naction = \"allow\"\nfrom = [\"*\"]\nto = [\"tag:db\"]\nports = [\"tcp:99999\"]\n").unwrap();
+        let e = policy(&opts, PolicyCmd::Set { file: bad.clone() })
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("nothing changed"), "{e}");
+        let rej = c
+            .policy_change(c.http.put(c.url("/policy")).json(&SetPolicyRequest {
+                text: std::fs::read_to_string(&bad).unwrap(),
+            }))
+            .await
+            .unwrap()
+            .unwrap_err();
+        let shown = policy_problems("bad.toml", &rej);
+        assert!(
+            shown
+                .lines()
+                .any(|l| l.starts_with("bad.toml: line 6, rules[0].ports[0]: ")),
+            "{shown}"
+        );
+
+        let good = dir.path().join("good.toml");
+        std::fs::write(&good, "default = \"deny\"\n[[rules]]\nname = \"pg\"\naction = \"allow\"\nfrom = [\"laptop\"]\nto = [\"tag:db\"]\nports = [\"tcp:5432\"]\n").unwrap();
+        policy(&opts, PolicyCmd::Set { file: good }).await.unwrap();
+        let probe = |port: &str| PolicyTestRequest {
+            from: "laptop".into(),
+            to: "db-1".into(),
+            port: port.into(),
+        };
+        let r: PolicyTestResponse = c.post("/policy/test", &probe("tcp:5432")).await.unwrap();
+        assert_eq!(policy_verdict(&r), "allow (rule \"pg\", policy v2)");
+        let r: PolicyTestResponse = c.post("/policy/test", &probe("tcp:22")).await.unwrap();
+        assert_eq!(policy_verdict(&r), "deny (default, policy v2)");
+        policy(
+            &opts,
+            PolicyCmd::Test {
+                from: "laptop".into(),
+                to: "db-1".into(),
+                port: "tcp:5432".into(),
+                json: false,
+            },
+        )
+        .await
+        .unwrap();
+        policy(&opts, PolicyCmd::History { json: false })
+            .await
+            .unwrap();
+        policy(&opts, PolicyCmd::Restore { version: 1 })
+            .await
+            .unwrap();
+        let p: PolicyInfo = c.get("/policy").await.unwrap();
+        assert_eq!(p.version, 3);
+        let e = policy(&opts, PolicyCmd::Restore { version: 9 })
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("no policy version 9"), "{e}");
+        policy(&opts, PolicyCmd::Get { json: false }).await.unwrap();
+
+        token(&opts, TokenCmd::List { json: false }).await.unwrap();
+        token(&opts, TokenCmd::Revoke { id: t.id }).await.unwrap();
+        let v: Vec<TokenInfo> = c.get("/tokens").await.unwrap();
+        assert!(v[0].revoked);
+        let e = token(&opts, TokenCmd::Revoke { id: 999 })
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("no join token with id 999"), "{e}");
+
+        logs(
+            &opts,
+            LogsCmd::Audit {
+                since: Some("10m".into()),
+                limit: 100,
+                json: false,
+            },
+        )
+        .await
+        .unwrap();
+        let e = logs(
+            &opts,
+            LogsCmd::Audit {
+                since: Some("10 minutes".into()),
+                limit: 100,
+                json: false,
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("invalid --since"), "{e}");
+        let v: Vec<AuditEntry> = c.get("/audit").await.unwrap();
+        let actions: Vec<&str> = v.iter().rev().map(|e| e.action.as_str()).collect();
+        assert_eq!(
+            actions,
+            [
+                "token.create",
+                "node.tag",
+                "policy.set",
+                "policy.restore",
+                "token.revoke"
+            ]
+        );
+
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn audit_times_have_milliseconds() {
+        assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
     }
 
     #[test]

@@ -148,7 +148,14 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminOpts,
     },
-    /// Logs kept by the control plane.
+    /// Who may reach what: the account's policy (TOML), its versions, and what it decides.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+        #[command(flatten)]
+        admin: AdminOpts,
+    },
+    /// Logs of the account.
     Logs {
         #[command(subcommand)]
         cmd: LogsCmd,
@@ -158,9 +165,54 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
+pub enum PolicyCmd {
+    /// Print the policy in force (its version goes to stderr).
+    Get {
+        /// Print version, author and text as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the policy with the TOML in FILE (`-` reads stdin). Nothing
+    /// changes if it has any problem; each is printed with its line.
+    Set { file: PathBuf },
+    /// Ask whether a connection would be allowed, and which rule decides.
+    Test {
+        /// A node name, an IPv4 address or binding:NAME.
+        #[arg(long)]
+        from: String,
+        /// A node name or an IPv4 address (subnets behind mesh nodes too).
+        #[arg(long)]
+        to: String,
+        /// tcp:PORT, udp:PORT or icmp.
+        #[arg(long)]
+        port: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the stored versions, newest first.
+    History {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put version N back in force (stored as a new version).
+    Restore { version: i64 },
+}
+
+#[derive(Subcommand)]
 pub enum LogsCmd {
     /// Connections the nodes saw (allowed and denied), oldest first.
     Flows(FlowsArgs),
+    /// Every admin change: who, when, what (append-only).
+    Audit {
+        /// Only entries this recent, e.g. 10m, 2h, 7d (or unix seconds).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many entries, newest (1-1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
@@ -221,6 +273,16 @@ pub enum TokenCmd {
         #[arg(long)]
         routes_auto_approve: bool,
     },
+    /// List the join tokens (ids, uses, expiry, tags; never the secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a join token: enrolling with it fails from now on.
+    Revoke {
+        /// The id shown by `trellis token list` (and by `token create`).
+        id: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -234,6 +296,16 @@ pub enum NodesCmd {
     Delete { name: String },
     /// Rename a node; its peers and everyone's DNS names follow at once.
     Rename { name: String, new_name: String },
+    /// Set a node's tags (replaces them), e.g. `trellis nodes tag db-1 db prod`.
+    Tag {
+        name: String,
+        /// The tags from now on.
+        #[arg(required_unless_present = "clear")]
+        tags: Vec<String>,
+        /// Remove all of the node's tags.
+        #[arg(long, conflicts_with = "tags")]
+        clear: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -380,6 +452,7 @@ async fn main() -> ExitCode {
         Cmd::Nodes { cmd, admin } => admin::nodes(&admin, cmd).await,
         Cmd::Routes { cmd, admin } => admin::routes(&admin, cmd).await,
         Cmd::Dns { cmd, admin } => admin::dns(&admin, cmd).await,
+        Cmd::Policy { cmd, admin } => admin::policy(&admin, cmd).await,
         Cmd::Logs { cmd, admin } => admin::logs(&admin, cmd).await,
     };
     match result {
@@ -520,6 +593,26 @@ mod tests {
                 "--json",
                 "--follow",
             ],
+            &["trellis", "token", "list", "--json"],
+            &["trellis", "token", "revoke", "7"],
+            &["trellis", "nodes", "tag", "db-1", "db", "prod"],
+            &["trellis", "nodes", "tag", "db-1", "--clear"],
+            &["trellis", "policy", "get"],
+            &["trellis", "policy", "set", "policy.toml"],
+            &[
+                "trellis",
+                "policy",
+                "test",
+                "--from",
+                "a",
+                "--to",
+                "100.64.0.3",
+                "--port",
+                "tcp:5432",
+            ],
+            &["trellis", "policy", "history"],
+            &["trellis", "policy", "restore", "3"],
+            &["trellis", "logs", "audit", "--since", "10m", "--json"],
         ] {
             assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
         }
@@ -541,6 +634,15 @@ mod tests {
                 assert_eq!(parsed[1].to_string(), "10.1.0.0/16");
             }
             _ => panic!("join --advertise-routes did not parse"),
+        }
+        for bad in [
+            &["trellis", "nodes", "tag", "db-1"][..],
+            &["trellis", "nodes", "tag", "db-1", "x", "--clear"],
+            &["trellis", "token", "revoke", "abc"],
+            &["trellis", "policy", "restore"],
+            &["trellis", "policy", "test", "--from", "a", "--to", "b"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }
         assert!(parse_routes(&["nope".into()]).is_err());
         assert!(parse_routes(&[String::new()]).unwrap().is_empty());
