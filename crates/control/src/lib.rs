@@ -210,6 +210,7 @@ impl Server {
         let hub_after = self.state.hub.clone();
         let store = self.state.store.clone();
         let retention = flows::spawn_retention(store.clone(), self.config.flow_retention);
+        let relay_policy = relay::spawn_policy_sync(self.state.clone());
         let app = api::router(self.state);
         tracing::info!(addr = %self.local_addr, "control plane listening");
         let edge_task = self.edge.map(|edge| {
@@ -232,6 +233,8 @@ impl Server {
         }
         retention.abort();
         let _ = retention.await;
+        relay_policy.abort();
+        let _ = relay_policy.await;
         served.context("serving HTTP")?;
         // Streams were told to close; let them record their last_seen first.
         if tokio::time::timeout(Duration::from_secs(5), hub_after.streams_ended())

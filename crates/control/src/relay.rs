@@ -138,3 +138,114 @@ async fn pump(
         }
     }
 }
+
+/// Pairs of nodes of `nodes` that the relay must keep apart under `filter`:
+/// both directions of every pair of which neither may reach the other on any
+/// protocol or port. Nodes that advertise subnets are left out (their
+/// traffic also comes from and goes to LAN addresses the pair check cannot
+/// see), so the relay never drops what a node's own filter would allow.
+pub fn blocked_pairs(
+    nodes: &[Node],
+    routers: &std::collections::HashSet<i64>,
+    filter: &trellis_policy::Filter,
+) -> std::collections::HashSet<([u8; 32], [u8; 32])> {
+    let plain: Vec<&Node> = nodes.iter().filter(|n| !routers.contains(&n.id)).collect();
+    let mut out = std::collections::HashSet::new();
+    for (i, a) in plain.iter().enumerate() {
+        for b in &plain[i + 1..] {
+            if !filter.may_talk(a.ip, b.ip) && !filter.may_talk(b.ip, a.ip) {
+                out.insert((a.public_key.0, b.public_key.0));
+                out.insert((b.public_key.0, a.public_key.0));
+            }
+        }
+    }
+    out
+}
+
+/// Keeps the relay's blocked pairs in step with each account's policy and
+/// nodes: at start for every account, then after every change of an account
+/// (the same notifications that push network maps).
+pub fn spawn_policy_sync(state: AppState) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut changes = state.hub.subscribe();
+        // What each account's pairs were computed from, to skip recomputing
+        // on changes that do not matter (a node's endpoints, say).
+        let mut last: std::collections::HashMap<i64, u64> = std::collections::HashMap::new();
+        let accounts = match state.store.list_accounts().await {
+            Ok(a) => a.into_iter().map(|a| a.id).collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list accounts for the relay's policy");
+                Vec::new()
+            }
+        };
+        for id in accounts {
+            sync_account(&state, id, &mut last).await;
+        }
+        loop {
+            match changes.recv().await {
+                Ok(id) => sync_account(&state, id, &mut last).await,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    last.clear();
+                    if let Ok(accounts) = state.store.list_accounts().await {
+                        for a in accounts {
+                            sync_account(&state, a.id, &mut last).await;
+                        }
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    })
+}
+
+async fn sync_account(
+    state: &AppState,
+    account_id: i64,
+    last: &mut std::collections::HashMap<i64, u64>,
+) {
+    use std::hash::{Hash, Hasher};
+    let result: anyhow::Result<()> = async {
+        let Some(account) = state.store.account_by_id(account_id).await? else {
+            state
+                .relay
+                .hub
+                .set_blocked_pairs(account_id, Default::default());
+            return Ok(());
+        };
+        let nodes = state.store.list_nodes(account_id).await?;
+        let routers: std::collections::HashSet<i64> = state
+            .store
+            .list_routes(account_id)
+            .await?
+            .iter()
+            .map(|r| r.node_id)
+            .collect();
+        let filter = crate::policy::effective_filter(&state.store, &account, &nodes).await?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        filter.as_ref().map(|(v, _)| *v).hash(&mut h);
+        for n in &nodes {
+            (n.id, n.ip, &n.public_key.0, &n.tags).hash(&mut h);
+        }
+        let mut r: Vec<i64> = routers.iter().copied().collect();
+        r.sort_unstable();
+        r.hash(&mut h);
+        let key = h.finish();
+        if last.get(&account_id) == Some(&key) {
+            return Ok(());
+        }
+        let pairs = match &filter {
+            Some((_, spec)) => {
+                blocked_pairs(&nodes, &routers, &trellis_policy::Filter::compile(spec))
+            }
+            None => Default::default(),
+        };
+        tracing::debug!(account = %account.name, pairs = pairs.len(), "relay policy updated");
+        state.relay.hub.set_blocked_pairs(account_id, pairs);
+        last.insert(account_id, key);
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(account_id, error = %format!("{e:#}"), "cannot update the relay's policy");
+    }
+}

@@ -74,6 +74,8 @@ pub enum DropReason {
     NoPath,
     /// The destination's queue is full.
     QueueFull,
+    /// The account's policy lets neither node reach the other.
+    Policy,
 }
 
 impl DropReason {
@@ -85,6 +87,7 @@ impl DropReason {
             DropReason::CrossAccount => "cross_account",
             DropReason::NoPath => "no_path",
             DropReason::QueueFull => "queue_full",
+            DropReason::Policy => "policy",
         }
     }
 }
@@ -114,6 +117,8 @@ pub struct RelayStats {
     pub dropped_cross_account: u64,
     pub dropped_no_path: u64,
     pub dropped_queue_full: u64,
+    /// Frames between two nodes the account's policy keeps apart.
+    pub dropped_policy: u64,
 }
 
 #[derive(Default)]
@@ -125,7 +130,7 @@ struct Counters {
     stun_answers: AtomicU64,
     registrations: AtomicU64,
     refusals: AtomicU64,
-    dropped: [AtomicU64; 6],
+    dropped: [AtomicU64; 7],
 }
 
 fn bump(c: &AtomicU64) {
@@ -140,6 +145,7 @@ fn drop_index(r: DropReason) -> usize {
         DropReason::CrossAccount => 3,
         DropReason::NoPath => 4,
         DropReason::QueueFull => 5,
+        DropReason::Policy => 6,
     }
 }
 
@@ -173,6 +179,8 @@ struct Inner {
     regs: HashMap<Key, Registration>,
     by_addr: HashMap<SocketAddr, Key>,
     revoked: HashSet<Key>,
+    /// Per account, the ordered pairs (src, dst) its policy keeps apart.
+    blocked: HashMap<i64, HashSet<(Key, Key)>>,
 }
 
 impl Inner {
@@ -234,11 +242,24 @@ impl Inner {
         self.by_addr.insert(from, key);
     }
 
-    /// Where a frame from `account_id` to `dst` goes.
-    fn route(&self, now: Instant, account_id: i64, dst: &Key) -> Result<Route, DropReason> {
+    /// Where a frame from `src` of `account_id` to `dst` goes.
+    fn route(
+        &self,
+        now: Instant,
+        account_id: i64,
+        src: &Key,
+        dst: &Key,
+    ) -> Result<Route, DropReason> {
         let reg = self.regs.get(dst).ok_or(DropReason::UnknownDestination)?;
         if reg.account_id != account_id {
             return Err(DropReason::CrossAccount);
+        }
+        if self
+            .blocked
+            .get(&account_id)
+            .is_some_and(|b| b.contains(&(*src, *dst)))
+        {
+            return Err(DropReason::Policy);
         }
         if let Some(addr) = reg.fresh_udp(now) {
             return Ok(Route::Udp(addr));
@@ -454,7 +475,7 @@ impl RelayHub {
             if reg.fresh_udp(now) != Some(from) {
                 return self.dropped(DropReason::Unregistered);
             }
-            (src, inner.route(now, reg.account_id, &dst))
+            (src, inner.route(now, reg.account_id, &src, &dst))
         };
         match route {
             Err(reason) => self.dropped(reason),
@@ -477,13 +498,40 @@ impl RelayHub {
     ) -> Outcome {
         let mut frame = Vec::new();
         write_recv(&mut frame, src, payload);
+        // Counted before the frame is handed over: once queued, its receiver
+        // may deliver it before this thread runs again.
+        self.relayed(payload.len(), false);
         match tx.try_send(frame) {
-            Ok(()) => {
-                self.relayed(payload.len(), false);
-                Outcome::Queued
+            Ok(()) => Outcome::Queued,
+            Err(e) => {
+                self.unrelayed(payload.len(), false);
+                self.ws_send_failed(dst, conn_id, e)
             }
-            Err(mpsc::error::TrySendError::Full(_)) => self.dropped(DropReason::QueueFull),
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+        }
+    }
+
+    /// Takes back a [`RelayHub::relayed`] count whose frame could not be queued.
+    fn unrelayed(&self, payload_len: usize, to_udp: bool) {
+        let c = &self.counters;
+        c.relayed_packets.fetch_sub(1, Ordering::Relaxed);
+        c.relayed_bytes
+            .fetch_sub(payload_len as u64, Ordering::Relaxed);
+        if to_udp {
+            c.relayed_to_udp.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            c.relayed_to_ws.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn ws_send_failed(
+        &self,
+        dst: &Key,
+        conn_id: u64,
+        e: mpsc::error::TrySendError<Vec<u8>>,
+    ) -> Outcome {
+        match e {
+            mpsc::error::TrySendError::Full(_) => self.dropped(DropReason::QueueFull),
+            mpsc::error::TrySendError::Closed(_) => {
                 // Its WebSocket task is gone without detaching yet.
                 self.detach_ws(dst, conn_id);
                 self.dropped(DropReason::NoPath)
@@ -534,7 +582,7 @@ impl RelayHub {
         let route = {
             let inner = self.lock();
             match inner.regs.get(from_key) {
-                Some(reg) if reg.ws.is_some() => inner.route(now, reg.account_id, &dst),
+                Some(reg) if reg.ws.is_some() => inner.route(now, reg.account_id, from_key, &dst),
                 _ => return self.dropped(DropReason::Unregistered),
             }
         };
@@ -543,14 +591,22 @@ impl RelayHub {
             Ok(Route::Udp(to)) => {
                 let mut datagram = Vec::new();
                 write_recv(&mut datagram, from_key, payload);
+                // Counted first: the UDP loop may send it at once.
+                self.relayed(payload.len(), true);
                 match self.outbox_tx.try_send((to, datagram)) {
-                    Ok(()) => {
-                        self.relayed(payload.len(), true);
-                        Outcome::Queued
+                    Ok(()) => Outcome::Queued,
+                    Err(e) => {
+                        self.unrelayed(payload.len(), true);
+                        match e {
+                            mpsc::error::TrySendError::Full(_) => {
+                                self.dropped(DropReason::QueueFull)
+                            }
+                            // No UDP loop drives this hub.
+                            mpsc::error::TrySendError::Closed(_) => {
+                                self.dropped(DropReason::NoPath)
+                            }
+                        }
                     }
-                    Err(mpsc::error::TrySendError::Full(_)) => self.dropped(DropReason::QueueFull),
-                    // No UDP loop drives this hub.
-                    Err(mpsc::error::TrySendError::Closed(_)) => self.dropped(DropReason::NoPath),
                 }
             }
             Ok(Route::Ws(tx, conn_id)) => self.to_ws(&dst, tx, conn_id, from_key, payload),
@@ -602,6 +658,20 @@ impl RelayHub {
             .and_then(|r| r.udp.as_ref().map(|u| u.addr))
     }
 
+    /// Replaces the pairs of `account_id` that the relay must keep apart:
+    /// frames from the first key of a pair to the second are dropped. The
+    /// control plane sets them from the account's policy (pairs of nodes
+    /// neither of which may reach the other on any port); the nodes enforce
+    /// the finer rules themselves, since the relay only sees ciphertext.
+    pub fn set_blocked_pairs(&self, account_id: i64, pairs: HashSet<(Key, Key)>) {
+        let mut inner = self.lock();
+        if pairs.is_empty() {
+            inner.blocked.remove(&account_id);
+        } else {
+            inner.blocked.insert(account_id, pairs);
+        }
+    }
+
     /// Whether `key` has a WebSocket attached.
     pub fn has_ws(&self, key: &Key) -> bool {
         self.lock().regs.get(key).is_some_and(|r| r.ws.is_some())
@@ -625,6 +695,7 @@ impl RelayHub {
             dropped_cross_account: d(DropReason::CrossAccount),
             dropped_no_path: d(DropReason::NoPath),
             dropped_queue_full: d(DropReason::QueueFull),
+            dropped_policy: d(DropReason::Policy),
         }
     }
 }
@@ -795,6 +866,38 @@ mod tests {
         assert!(b_ws.try_recv().is_err());
         assert_eq!(hub.stats().dropped_cross_account, 2);
         assert_eq!(hub.stats().relayed_packets, 0);
+    }
+
+    #[test]
+    fn blocked_pairs_are_not_relayed_until_unblocked() {
+        let (hub, now) = hub();
+        register(&hub, now, 1, &A, "198.18.0.1:4000");
+        register(&hub, now, 1, &B, "198.18.0.2:4000");
+        let (_, _c_ws) = hub.attach_ws(1, &C).unwrap();
+        hub.set_blocked_pairs(1, [(A, B), (B, A), (C, B)].into_iter().collect());
+        // Another account's blocks do not matter here.
+        hub.set_blocked_pairs(2, [(A, C)].into_iter().collect());
+        let mut out = Vec::new();
+        let a = addr("198.18.0.1:4000");
+        assert_eq!(
+            hub.handle_udp(now, a, &send_frame(&B, b"x"), &mut out),
+            Outcome::Dropped(DropReason::Policy)
+        );
+        assert_eq!(
+            hub.handle_ws_frame(now, &C, &send_frame(&B, b"x")),
+            Outcome::Dropped(DropReason::Policy)
+        );
+        assert_eq!(hub.stats().dropped_policy, 2);
+        // A to C is not blocked in account 1.
+        assert!(matches!(
+            hub.handle_udp(now, a, &send_frame(&C, b"x"), &mut out),
+            Outcome::Queued | Outcome::Send(_)
+        ));
+        hub.set_blocked_pairs(1, HashSet::new());
+        assert_eq!(
+            hub.handle_udp(now, a, &send_frame(&B, b"y"), &mut out),
+            Outcome::Send(addr("198.18.0.2:4000"))
+        );
     }
 
     #[test]
