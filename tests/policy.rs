@@ -348,7 +348,7 @@ fn policy_change_cuts_a_running_transfer_within_1s() {
         SocketAddr::from((b.ip, STREAM_PORT)),
         400 << 20,
         20 << 20,
-        Duration::from_secs(30),
+        Duration::from_secs(5),
     );
     let r = eventually(secs(5.0), || {
         let p = sink.snapshot();
@@ -569,5 +569,111 @@ fn invalid_policy_is_refused_and_the_old_one_stays() {
         APP_PORT,
         Duration::from_secs(3),
         "client -> web:7000 after restoring v1",
+    );
+}
+
+#[test]
+fn disabled_node_is_cut_off_within_1s_and_comes_back_when_enabled() {
+    let Some(mut net) = ServerLab::new() else {
+        return;
+    };
+    let tok = net.token_tagged(&[]);
+    let a = net.member("alpha", &tok);
+    let b = net.member("beta", &tok);
+    let v = net.member("victim", &tok);
+    let lab = &net.lab;
+    must_pass(
+        lab,
+        &v,
+        a.ip,
+        APP_PORT,
+        Duration::from_secs(20),
+        "victim -> alpha before",
+    );
+    must_pass(
+        lab,
+        &a,
+        v.ip,
+        APP_PORT,
+        Duration::from_secs(10),
+        "alpha -> victim before",
+    );
+
+    // A transfer from the victim is running when it is disabled.
+    let sink = lab.check(
+        stream_sink(
+            &a.node.host.ns,
+            SocketAddr::from(([0, 0, 0, 0], STREAM_PORT)),
+        ),
+        "stream sink",
+    );
+    let _sender = stream_send(
+        &v.node.host.ns,
+        SocketAddr::from((a.ip, STREAM_PORT)),
+        400 << 20,
+        20 << 20,
+        Duration::from_secs(5),
+    );
+    let r = eventually(secs(5.0), || {
+        let p = sink.snapshot();
+        if p.bytes > 2 << 20 {
+            Ok(())
+        } else {
+            Err(format!("{} bytes so far", p.bytes))
+        }
+    });
+    lab.check(r, "the transfer runs before disabling");
+
+    let t0 = Instant::now();
+    lab.admin_ok(&net.srv, &net.key, &["nodes", "disable", "victim"]);
+    thread::sleep(Duration::from_secs(3));
+    let p = sink.snapshot();
+    let last = p.arrivals.last().map(|(t, _)| *t).unwrap_or(t0);
+    eprintln!(
+        "[policy] disable: last data {:.0} ms after `nodes disable` started",
+        last.saturating_duration_since(t0).as_secs_f64() * 1000.0
+    );
+    lab.ensure(
+        last < t0 + Duration::from_secs(1),
+        "data from the disabled node still arrived more than 1 s after `nodes disable`",
+    );
+    must_block(lab, &v, a.ip, APP_PORT, "disabled victim -> alpha");
+    must_block(lab, &b, v.ip, APP_PORT, "beta -> disabled victim");
+    must_pass(
+        lab,
+        &a,
+        b.ip,
+        APP_PORT,
+        Duration::from_secs(3),
+        "alpha -> beta while victim is disabled",
+    );
+    let list = lab.nodes_list(&net.srv, &net.key, None);
+    lab.ensure(
+        list.iter()
+            .any(|n| n["name"] == "victim" && n["disabled"] == true),
+        format!("nodes list does not show victim disabled: {list:?}"),
+    );
+
+    lab.admin_ok(&net.srv, &net.key, &["nodes", "enable", "victim"]);
+    must_pass(
+        lab,
+        &v,
+        a.ip,
+        APP_PORT,
+        Duration::from_secs(5),
+        "victim -> alpha after enable",
+    );
+    must_pass(
+        lab,
+        &b,
+        v.ip,
+        APP_PORT,
+        Duration::from_secs(5),
+        "beta -> victim after enable",
+    );
+    let audit = lab.admin_ok(&net.srv, &net.key, &["logs", "audit", "--json"]);
+    lab.ensure(
+        audit.contains("node.disable") && audit.contains("node.enable"),
+        format!("disable/enable not in the audit log:\n{audit}"),
     );
 }

@@ -358,6 +358,7 @@ pub(crate) fn node_info(st: &AppState, account: &Account, n: &Node) -> NodeInfo 
         os: n.os.clone(),
         version: n.version.clone(),
         tags: n.tags.clone(),
+        disabled: n.disabled,
         endpoints: endpoints(n),
     }
 }
@@ -744,6 +745,7 @@ impl Modify for BearerAuth {
         delete_node, rename_node, list_routes, approve_route, list_dns, add_dns, delete_dns,
         enroll, node_stream, relay_ws, crate::flows::list_flows, crate::flows::stream_flows,
         crate::tokens::list_tokens, crate::tokens::revoke_token, crate::tokens::set_node_tags,
+        crate::tokens::disable_node, crate::tokens::enable_node,
         crate::policy::get_policy, crate::policy::put_policy, crate::policy::policy_history,
         crate::policy::restore_policy, crate::policy::test_policy, crate::audit::list_audit),
     components(schemas(ApiError, AccountInfo, CreateAccountRequest, CreateAccountResponse,
@@ -776,6 +778,8 @@ pub fn router(state: AppState) -> Router {
         .route("/tokens", get(crate::tokens::list_tokens))
         .route("/tokens/{id}", delete(crate::tokens::revoke_token))
         .route("/nodes/{name}/tags", put(crate::tokens::set_node_tags))
+        .route("/nodes/{name}/disable", post(crate::tokens::disable_node))
+        .route("/nodes/{name}/enable", post(crate::tokens::enable_node))
         .route(
             "/policy",
             get(crate::policy::get_policy).put(crate::policy::put_policy),

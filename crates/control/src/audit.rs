@@ -24,6 +24,8 @@ pub mod action {
     pub const NODE_DELETE: &str = "node.delete";
     pub const NODE_RENAME: &str = "node.rename";
     pub const NODE_TAG: &str = "node.tag";
+    pub const NODE_DISABLE: &str = "node.disable";
+    pub const NODE_ENABLE: &str = "node.enable";
     pub const ROUTE_APPROVE: &str = "route.approve";
     pub const DNS_ADD: &str = "dns.add";
     pub const DNS_REMOVE: &str = "dns.remove";

@@ -115,10 +115,12 @@ pub fn build_map(view: &AccountView, me: i64) -> Option<NetworkMap> {
         cidr: account.cidr,
         routes: routes_of(me).to_vec(),
     };
+    // A disabled node is cut off: it has no peers and is nobody's peer.
     let mut peers: Vec<Peer> = view
         .nodes
         .iter()
-        .filter(|n| n.id != me && n.account_id == account.id)
+        .filter(|_| !this.disabled)
+        .filter(|n| n.id != me && n.account_id == account.id && !n.disabled)
         .map(|n| peer_of(n, view.online.contains(&n.id), routes_of(n.id)))
         .collect();
     peers.sort_by_key(|p| p.id);
@@ -376,6 +378,7 @@ mod tests {
             reflexive: None,
             created_at: 0,
             last_seen: None,
+            disabled: false,
         }
     }
 
@@ -525,6 +528,20 @@ mod tests {
         assert!(map.peers[0].online);
         assert_eq!(map.peers[0].allowed_ips[0].to_string(), "100.64.0.3/32");
         assert!(build(&account(1), &nodes, 3, &online).is_none());
+    }
+
+    #[test]
+    fn a_disabled_node_has_no_peers_and_is_nobodys_peer() {
+        let mut nodes = vec![node(1, 1), node(2, 1), node(3, 1)];
+        nodes[2].disabled = true;
+        let online: HashSet<i64> = [1, 2, 3].into();
+        let acc = account(1);
+        let ids = |m: NetworkMap| m.peers.iter().map(|p| p.id).collect::<Vec<_>>();
+        assert_eq!(ids(build(&acc, &nodes, 1, &online).unwrap()), [2]);
+        assert_eq!(ids(build(&acc, &nodes, 2, &online).unwrap()), [1]);
+        let own = build(&acc, &nodes, 3, &online).unwrap();
+        assert_eq!(own.self_node.id, 3, "a disabled node keeps its identity");
+        assert!(own.peers.is_empty());
     }
 
     #[test]

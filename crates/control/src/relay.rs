@@ -149,8 +149,18 @@ pub fn blocked_pairs(
     routers: &std::collections::HashSet<i64>,
     filter: &trellis_policy::Filter,
 ) -> std::collections::HashSet<([u8; 32], [u8; 32])> {
-    let plain: Vec<&Node> = nodes.iter().filter(|n| !routers.contains(&n.id)).collect();
     let mut out = std::collections::HashSet::new();
+    // A disabled node is kept apart from everyone.
+    for d in nodes.iter().filter(|n| n.disabled) {
+        for o in nodes.iter().filter(|n| n.id != d.id) {
+            out.insert((d.public_key.0, o.public_key.0));
+            out.insert((o.public_key.0, d.public_key.0));
+        }
+    }
+    let plain: Vec<&Node> = nodes
+        .iter()
+        .filter(|n| !routers.contains(&n.id) && !n.disabled)
+        .collect();
     for (i, a) in plain.iter().enumerate() {
         for b in &plain[i + 1..] {
             if !filter.may_talk(a.ip, b.ip) && !filter.may_talk(b.ip, a.ip) {
@@ -224,7 +234,7 @@ async fn sync_account(
         let mut h = std::collections::hash_map::DefaultHasher::new();
         filter.as_ref().map(|(v, _)| *v).hash(&mut h);
         for n in &nodes {
-            (n.id, n.ip, &n.public_key.0, &n.tags).hash(&mut h);
+            (n.id, n.ip, &n.public_key.0, &n.tags, n.disabled).hash(&mut h);
         }
         let mut r: Vec<i64> = routers.iter().copied().collect();
         r.sort_unstable();
@@ -233,12 +243,11 @@ async fn sync_account(
         if last.get(&account_id) == Some(&key) {
             return Ok(());
         }
-        let pairs = match &filter {
-            Some((_, spec)) => {
-                blocked_pairs(&nodes, &routers, &trellis_policy::Filter::compile(spec))
-            }
-            None => Default::default(),
+        let filter = match &filter {
+            Some((_, spec)) => trellis_policy::Filter::compile(spec),
+            None => trellis_policy::Filter::allow_all(),
         };
+        let pairs = blocked_pairs(&nodes, &routers, &filter);
         tracing::debug!(account = %account.name, pairs = pairs.len(), "relay policy updated");
         state.relay.hub.set_blocked_pairs(account_id, pairs);
         last.insert(account_id, key);

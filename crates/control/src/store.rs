@@ -106,6 +106,8 @@ pub struct Node {
     pub reflexive: Option<SocketAddr>,
     pub created_at: i64,
     pub last_seen: Option<i64>,
+    /// Disabled by an admin: kept enrolled, but cut off from every peer.
+    pub disabled: bool,
 }
 
 #[derive(FromRow)]
@@ -125,10 +127,11 @@ struct NodeRow {
     reflexive: Option<String>,
     created_at: i64,
     last_seen: Option<i64>,
+    disabled_at: Option<i64>,
 }
 
 const NODE_COLUMNS: &str = "id, account_id, name, public_key, ip, hostname, os, version, tags, \
-     listen_port, local_addrs, observed_ip, reflexive, created_at, last_seen";
+     listen_port, local_addrs, observed_ip, reflexive, created_at, last_seen, disabled_at";
 
 impl TryFrom<NodeRow> for Node {
     type Error = StoreError;
@@ -160,6 +163,7 @@ impl TryFrom<NodeRow> for Node {
             version: r.version,
             created_at: r.created_at,
             last_seen: r.last_seen,
+            disabled: r.disabled_at.is_some(),
         })
     }
 }
@@ -830,6 +834,7 @@ impl Store {
                 reflexive: None,
                 created_at: now,
                 last_seen: None,
+                disabled: false,
             },
             account,
             secret,
@@ -1295,6 +1300,54 @@ impl Store {
 
     /// Replaces the tags of node `name` (each checked like a name; duplicates
     /// dropped, order kept). Returns the node, and whether its tags changed.
+    /// Disables (or enables) node `name`. Returns the node and whether
+    /// anything changed; a change is in the audit log.
+    pub async fn set_node_disabled(
+        &self,
+        account: &Account,
+        name: &str,
+        disabled: bool,
+        actor: &str,
+        now: i64,
+    ) -> StoreResult<(Node, bool)> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let row: Option<NodeRow> = sqlx::query_as(&format!(
+            "SELECT {NODE_COLUMNS} FROM nodes WHERE account_id = ? AND name = ?"
+        ))
+        .bind(account.id)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let mut node = match row {
+            Some(r) => Node::try_from(r)?,
+            None => return Err(no_node(account, name)),
+        };
+        if node.disabled == disabled {
+            return Ok((node, false));
+        }
+        sqlx::query("UPDATE nodes SET disabled_at = ? WHERE id = ?")
+            .bind(disabled.then_some(now))
+            .bind(node.id)
+            .execute(&mut *tx)
+            .await?;
+        audit::record(
+            &mut tx,
+            account.id,
+            actor,
+            if disabled {
+                action::NODE_DISABLE
+            } else {
+                action::NODE_ENABLE
+            },
+            name,
+            "",
+        )
+        .await?;
+        tx.commit().await?;
+        node.disabled = disabled;
+        Ok((node, true))
+    }
+
     pub async fn set_node_tags(
         &self,
         account: &Account,

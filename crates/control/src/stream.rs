@@ -1,6 +1,7 @@
 //! One node's control stream: wait for Hello, send the full map, then push
 //! deltas whenever the account changes, until the node goes away.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -138,7 +139,13 @@ pub async fn account_view(
         .dns_records(account.id)
         .await
         .context("loading the account's DNS records")?;
-    let primaries = state.hub.primaries(account.id, &approved, &online);
+    // A disabled mesh node carries no subnet: the next one takes over.
+    let usable: HashSet<i64> = online
+        .iter()
+        .copied()
+        .filter(|id| nodes.iter().any(|n| n.id == *id && !n.disabled))
+        .collect();
+    let primaries = state.hub.primaries(account.id, &approved, &usable);
     let dns = dns_config(&account, &nodes, &records, &state.dns_suffix);
     let filter = crate::policy::effective_filter(&state.store, &account, &nodes)
         .await

@@ -47,6 +47,57 @@ pub async fn revoke_token(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Disables a node: it stays enrolled (same key, name and IP) but within a
+/// second no peer accepts its packets, open connections included, and the
+/// relay stops carrying them, until it is enabled again.
+#[utoipa::path(post, path = "/api/v1/nodes/{name}/disable", tag = "nodes",
+    params(("name" = String, Path, description = "Node name"),
+        ("account" = Option<String>, Query, description = "Account to act on (operator key only; default: the key's own)")),
+    security(("bearer" = [])),
+    responses((status = 200, body = NodeInfo),
+        (status = 401, body = ApiError), (status = 403, body = ApiError),
+        (status = 404, body = ApiError)))]
+pub async fn disable_node(
+    State(st): State<AppState>,
+    admin: Admin,
+    Path(name): Path<String>,
+) -> Result<Json<NodeInfo>, ApiErr> {
+    set_disabled(st, admin, name, true).await
+}
+
+/// Enables a disabled node: its peers accept it again.
+#[utoipa::path(post, path = "/api/v1/nodes/{name}/enable", tag = "nodes",
+    params(("name" = String, Path, description = "Node name"),
+        ("account" = Option<String>, Query, description = "Account to act on (operator key only; default: the key's own)")),
+    security(("bearer" = [])),
+    responses((status = 200, body = NodeInfo),
+        (status = 401, body = ApiError), (status = 403, body = ApiError),
+        (status = 404, body = ApiError)))]
+pub async fn enable_node(
+    State(st): State<AppState>,
+    admin: Admin,
+    Path(name): Path<String>,
+) -> Result<Json<NodeInfo>, ApiErr> {
+    set_disabled(st, admin, name, false).await
+}
+
+async fn set_disabled(
+    st: AppState,
+    admin: Admin,
+    name: String,
+    disabled: bool,
+) -> Result<Json<NodeInfo>, ApiErr> {
+    let (node, changed) = st
+        .store
+        .set_node_disabled(&admin.account, &name, disabled, &admin.actor, now())
+        .await?;
+    if changed {
+        st.hub.notify(admin.account.id);
+        tracing::info!(account = %admin.account.name, node = %name, disabled, "node disabled or enabled");
+    }
+    Ok(Json(node_info(&st, &admin.account, &node)))
+}
+
 /// Replaces a node's tags. Policies that name its tags follow within a second.
 #[utoipa::path(put, path = "/api/v1/nodes/{name}/tags", tag = "nodes",
     request_body = SetTagsRequest,

@@ -200,6 +200,9 @@ pub struct NodeInfo {
     pub os: String,
     pub version: String,
     pub tags: Vec<String>,
+    /// Disabled by an admin: enrolled, but no peer accepts its packets.
+    #[serde(default)]
+    pub disabled: bool,
     /// Underlay endpoints the node was last seen on.
     #[schema(value_type = Vec<String>)]
     pub endpoints: Vec<SocketAddr>,

@@ -291,6 +291,23 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+async fn set_disabled(c: &Client, name: &str, disable: bool) -> anyhow::Result<()> {
+    trellis_proto::validate_name("node", name).map_err(|e| anyhow!(e))?;
+    let verb = if disable { "disable" } else { "enable" };
+    let n: NodeInfo = c
+        .post(&format!("/nodes/{name}/{verb}"), &serde_json::json!({}))
+        .await?;
+    if disable {
+        eprintln!(
+            "node {} is disabled: no peer accepts its packets (`trellis nodes enable {}` lets it back)",
+            n.name, n.name
+        );
+    } else {
+        eprintln!("node {} is enabled again", n.name);
+    }
+    Ok(())
+}
+
 pub async fn nodes(opts: &AdminOpts, cmd: NodesCmd) -> anyhow::Result<()> {
     let c = Client::new(opts)?;
     match cmd {
@@ -315,12 +332,20 @@ pub async fn nodes(opts: &AdminOpts, cmd: NodesCmd) -> anyhow::Result<()> {
                     "{:<24} {:<16} {:<8} {:<20} {}",
                     n.name,
                     n.ip.to_string(),
-                    if n.online { "yes" } else { "no" },
+                    if n.disabled {
+                        "disabled"
+                    } else if n.online {
+                        "yes"
+                    } else {
+                        "no"
+                    },
                     seen,
                     n.tags.join(",")
                 );
             }
         }
+        NodesCmd::Disable { name } => set_disabled(&c, &name, true).await?,
+        NodesCmd::Enable { name } => set_disabled(&c, &name, false).await?,
         NodesCmd::Delete { name } => {
             trellis_proto::validate_name("node", &name).map_err(|e| anyhow!(e))?;
             c.delete(&format!("/nodes/{name}")).await?;
@@ -504,43 +529,42 @@ async fn audit_log(
     limit: u32,
     json: bool,
 ) -> anyhow::Result<()> {
-    match () {
-        () => {
-            let mut path = format!("/audit?limit={limit}");
-            if let Some(s) = &since {
-                if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric()) {
-                    bail!("invalid --since {s:?}: use e.g. 10m, 2h, 7d or unix seconds");
-                }
-                path.push_str(&format!("&since={s}"));
-            }
-            let v: Vec<AuditEntry> = c.get(&path).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                return Ok(());
-            }
-            if v.is_empty() {
-                eprintln!(
-                    "no audit entries{}",
-                    if since.is_some() { " in that time" } else { "" }
-                );
-                return Ok(());
-            }
-            println!(
-                "{:<24} {:<24} {:<15} {:<24} DETAIL",
-                "TIME", "ACTOR", "ACTION", "TARGET"
-            );
-            // Oldest first, like a log.
-            for e in v.iter().rev() {
-                println!(
-                    "{:<24} {:<24} {:<15} {:<24} {}",
-                    rfc3339_ms(e.at_ms),
-                    e.actor,
-                    e.action,
-                    e.target,
-                    e.detail
-                );
-            }
+    let mut path = format!("/audit?limit={limit}");
+    if let Some(s) = &since {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            bail!("invalid --since {s:?}: use e.g. 10m, 2h, 7d or unix seconds");
         }
+        path.push_str(&format!("&since={s}"));
+    }
+    let v: Vec<AuditEntry> = c.get(&path).await?;
+    if json {
+        // JSON lines, oldest first, like `logs flows --json`.
+        for e in v.iter().rev() {
+            println!("{}", serde_json::to_string(e)?);
+        }
+        return Ok(());
+    }
+    if v.is_empty() {
+        eprintln!(
+            "no audit entries{}",
+            if since.is_some() { " in that time" } else { "" }
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<24} {:<15} {:<24} DETAIL",
+        "TIME", "ACTOR", "ACTION", "TARGET"
+    );
+    // Oldest first, like a log.
+    for e in v.iter().rev() {
+        println!(
+            "{:<24} {:<24} {:<15} {:<24} {}",
+            rfc3339_ms(e.at_ms),
+            e.actor,
+            e.action,
+            e.target,
+            e.detail
+        );
     }
     Ok(())
 }

@@ -296,6 +296,10 @@ pub enum NodesCmd {
     Delete { name: String },
     /// Rename a node; its peers and everyone's DNS names follow at once.
     Rename { name: String, new_name: String },
+    /// Cut a node off from every peer (open connections too) without removing it.
+    Disable { name: String },
+    /// Let a disabled node back in.
+    Enable { name: String },
     /// Set a node's tags (replaces them), e.g. `trellis nodes tag db-1 db prod`.
     Tag {
         name: String,
