@@ -156,7 +156,7 @@ impl FromRequestParts<AppState> for Admin {
                 "missing API key: send `Authorization: Bearer <key>` (the operator key is in the server's DATA_DIR/admin.key)",
             )
         })?;
-        let (own, operator) = state.store.auth_api_key(key).await?.ok_or_else(|| {
+        let (own, operator, key_id) = state.store.auth_api_key(key).await?.ok_or_else(|| {
             ApiErr::new(
                 StatusCode::UNAUTHORIZED,
                 "API key not recognised — check it was copied whole (the operator key is in the server's DATA_DIR/admin.key)",
@@ -172,7 +172,7 @@ impl FromRequestParts<AppState> for Admin {
         let actor = if operator {
             "operator".to_string()
         } else {
-            format!("account-key:{}", own.name)
+            format!("account-key:{}#{key_id}", own.name)
         };
         let account = match query.0.account {
             None => own,
@@ -746,6 +746,7 @@ impl Modify for BearerAuth {
         enroll, node_stream, relay_ws, crate::flows::list_flows, crate::flows::stream_flows,
         crate::tokens::list_tokens, crate::tokens::revoke_token, crate::tokens::set_node_tags,
         crate::tokens::disable_node, crate::tokens::enable_node,
+        crate::keys::list_keys, crate::keys::create_key, crate::keys::revoke_key,
         crate::policy::get_policy, crate::policy::put_policy, crate::policy::policy_history,
         crate::policy::restore_policy, crate::policy::test_policy, crate::audit::list_audit),
     components(schemas(ApiError, AccountInfo, CreateAccountRequest, CreateAccountResponse,
@@ -757,7 +758,8 @@ impl Modify for BearerAuth {
         trellis_proto::PolicyProblem, trellis_proto::PolicyRejected,
         trellis_proto::PolicyVersionInfo, trellis_proto::RestorePolicyRequest,
         trellis_proto::PolicyTestRequest, trellis_proto::PolicyTestResponse,
-        trellis_proto::AuditEntry)),
+        trellis_proto::AuditEntry, trellis_proto::ApiKeyInfo,
+        trellis_proto::CreateApiKeyRequest, trellis_proto::CreateApiKeyResponse)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -776,6 +778,11 @@ pub fn router(state: AppState) -> Router {
         .route("/dns", get(list_dns).post(add_dns))
         .route("/dns/{name}", delete(delete_dns))
         .route("/tokens", get(crate::tokens::list_tokens))
+        .route(
+            "/keys",
+            get(crate::keys::list_keys).post(crate::keys::create_key),
+        )
+        .route("/keys/{id}", delete(crate::keys::revoke_key))
         .route("/tokens/{id}", delete(crate::tokens::revoke_token))
         .route("/nodes/{name}/tags", put(crate::tokens::set_node_tags))
         .route("/nodes/{name}/disable", post(crate::tokens::disable_node))

@@ -21,6 +21,8 @@ pub mod action {
     pub const ACCOUNT_CREATE: &str = "account.create";
     pub const TOKEN_CREATE: &str = "token.create";
     pub const TOKEN_REVOKE: &str = "token.revoke";
+    pub const KEY_CREATE: &str = "key.create";
+    pub const KEY_REVOKE: &str = "key.revoke";
     pub const NODE_DELETE: &str = "node.delete";
     pub const NODE_RENAME: &str = "node.rename";
     pub const NODE_TAG: &str = "node.tag";

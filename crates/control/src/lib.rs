@@ -21,6 +21,7 @@
 pub mod api;
 pub mod audit;
 pub mod flows;
+pub mod keys;
 pub mod map;
 pub mod mesh;
 pub mod policy;

@@ -393,8 +393,9 @@ impl Store {
         Ok(key)
     }
 
-    /// Looks up an API key: its account and whether it is the operator key.
-    pub async fn auth_api_key(&self, key: &str) -> StoreResult<Option<(Account, bool)>> {
+    /// Looks up an API key: its account, whether it is the operator key, and
+    /// its id. A revoked key is refused with a message saying so.
+    pub async fn auth_api_key(&self, key: &str) -> StoreResult<Option<(Account, bool, i64)>> {
         #[derive(FromRow)]
         struct Row {
             id: i64,
@@ -402,24 +403,32 @@ impl Store {
             cidr: String,
             created_at: i64,
             operator: bool,
+            key_id: i64,
+            revoked_at: Option<i64>,
         }
         let row: Option<Row> = sqlx::query_as(
-            "SELECT a.id, a.name, a.cidr, a.created_at, k.operator FROM api_keys k \
-             JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
+            "SELECT a.id, a.name, a.cidr, a.created_at, k.operator, k.id AS key_id, k.revoked_at \
+             FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
         )
         .bind(hash_secret(key))
         .fetch_optional(&self.pool)
         .await?;
         match row {
             None => Ok(None),
+            Some(r) if r.revoked_at.is_some() => Err(StoreError::Unauthorized(format!(
+                "this API key (id {}) was revoked at {}; ask an admin of the account for a new one",
+                r.key_id,
+                rfc3339(r.revoked_at.unwrap_or(0))
+            ))),
             Some(r) => {
+                let key_id = r.key_id;
                 let account = Account::try_from(AccountRow {
                     id: r.id,
                     name: r.name,
                     cidr: r.cidr,
                     created_at: r.created_at,
                 })?;
-                Ok(Some((account, r.operator)))
+                Ok(Some((account, r.operator, key_id)))
             }
         }
     }

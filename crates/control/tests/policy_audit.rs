@@ -683,13 +683,20 @@ async fn every_admin_change_is_in_the_audit_log_with_its_actor() {
         .rev()
         .map(|e| {
             (
-                e.actor.as_str(),
+                // An account key acts as `account-key:ACCOUNT#KEY_ID`.
+                e.actor.split('#').next().unwrap_or(""),
                 e.action.as_str(),
                 e.target.as_str(),
                 e.detail.as_str(),
             )
         })
         .collect();
+    assert!(
+        log.iter()
+            .filter(|e| e.actor.starts_with("account-key:"))
+            .all(|e| e.actor.starts_with("account-key:blue#")),
+        "{log:?}"
+    );
     let key = "account-key:blue";
     let tok_target = format!("token {tid}");
     let expected: Vec<(&str, &str, &str)> = vec![
@@ -954,5 +961,74 @@ async fn an_unparsable_stored_policy_falls_back_to_the_last_good_version() {
     let f = filter_until(&mut ws, PUSH, |f| f.default_allow).await;
     assert_eq!(decide(&f, &a_ip, &b_ip, 443), (true, None));
     assert_eq!(srv.probe_ok(&k, "a", "b", "tcp:80").await.version, 4);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn api_keys_are_created_listed_and_revoked_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+    let op = srv.admin.clone();
+    let (status, v) = srv
+        .post(Some(&op), "/accounts", json!({ "name": "blue" }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let blue: CreateAccountResponse = serde_json::from_value(v).unwrap();
+    let (status, v) = srv
+        .post(
+            Some(&blue.api_key),
+            "/keys",
+            json!({ "name": "ci deploys" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let new_key = v["api_key"].as_str().unwrap().to_string();
+    let id = v["id"].as_i64().unwrap();
+    // The new key acts on blue.
+    let (status, v) = srv.get(&new_key, "/policy").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (status, v) = srv.get(&blue.api_key, "/keys").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let list = v.as_array().unwrap();
+    assert_eq!(list.len(), 2, "{v}");
+    assert!(list
+        .iter()
+        .all(|k| k.get("api_key").is_none() && !v.to_string().contains(&new_key)));
+
+    // Another account cannot revoke it; the operator key cannot be revoked.
+    let (status, _) = srv
+        .post(Some(&op), "/accounts", json!({ "name": "red" }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, v) = srv.get(&op, "/keys").await;
+    let op_id = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["operator"] == true)
+        .unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let (status2, v2) = srv.delete(&op, &format!("/keys/{op_id}")).await;
+    assert_eq!(
+        (status, status2),
+        (StatusCode::OK, StatusCode::FORBIDDEN),
+        "{v2}"
+    );
+    let (status, _) = srv.delete(&op, &format!("/keys/{id}?account=red")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Revoked: the very next request with it is refused, saying why.
+    let (status, _) = srv.delete(&blue.api_key, &format!("/keys/{id}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, v) = srv.get(&new_key, "/policy").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(err_text(&v).contains("revoked"), "{v}");
+    let log = srv.audit(&blue.api_key, "").await;
+    let actions: Vec<&str> = log.iter().map(|e| e.action.as_str()).collect();
+    assert!(
+        actions.contains(&"key.create") && actions.contains(&"key.revoke"),
+        "{actions:?}"
+    );
     srv.stop().await;
 }

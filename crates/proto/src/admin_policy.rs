@@ -130,3 +130,31 @@ pub struct AuditEntry {
     /// What changed, e.g. `v3 -> v4` or `web-1 -> web-2`.
     pub detail: String,
 }
+
+/// An API key of an account (its secret is never shown again).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApiKeyInfo {
+    pub id: i64,
+    pub name: String,
+    /// The server's operator key (DATA_DIR/admin.key); it cannot be revoked here.
+    pub operator: bool,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds when it was revoked.
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct CreateApiKeyRequest {
+    /// What the key is for, shown in `keys list` and the audit log.
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateApiKeyResponse {
+    pub id: i64,
+    pub name: String,
+    /// The key. Shown once; the server keeps only its hash.
+    pub api_key: String,
+}

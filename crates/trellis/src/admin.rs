@@ -14,7 +14,8 @@ use trellis_proto::{
 };
 
 use crate::{
-    AccountCmd, AdminOpts, DnsCmd, FlowsArgs, LogsCmd, NodesCmd, PolicyCmd, RoutesCmd, TokenCmd,
+    AccountCmd, AdminOpts, DnsCmd, FlowsArgs, KeysCmd, LogsCmd, NodesCmd, PolicyCmd, RoutesCmd,
+    TokenCmd,
 };
 
 const DEFAULT_KEY_FILE: &str = "trellis-data/admin.key";
@@ -289,6 +290,49 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+pub async fn keys(opts: &AdminOpts, cmd: KeysCmd) -> anyhow::Result<()> {
+    let c = Client::new(opts)?;
+    match cmd {
+        KeysCmd::Create { name } => {
+            let r: trellis_proto::CreateApiKeyResponse = c
+                .post("/keys", &trellis_proto::CreateApiKeyRequest { name })
+                .await?;
+            eprintln!(
+                "API key {} created; it is shown only this once (revoke it with `trellis keys revoke {}`)",
+                r.id, r.id
+            );
+            println!("{}", r.api_key);
+        }
+        KeysCmd::List { json } => {
+            let v: Vec<trellis_proto::ApiKeyInfo> = c.get("/keys").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!("{:<6} {:<22} {:<24} STATE", "ID", "CREATED", "NAME");
+            for k in v {
+                let state = match (k.operator, k.revoked_at) {
+                    (true, _) => "operator".to_string(),
+                    (false, Some(t)) => format!("revoked {}", trellis_control::store::rfc3339(t)),
+                    (false, None) => "active".to_string(),
+                };
+                println!(
+                    "{:<6} {:<22} {:<24} {}",
+                    k.id,
+                    trellis_control::store::rfc3339(k.created_at),
+                    k.name,
+                    state
+                );
+            }
+        }
+        KeysCmd::Revoke { id } => {
+            c.delete(&format!("/keys/{id}")).await?;
+            eprintln!("API key {id} revoked: it is refused from its next request on");
+        }
+    }
+    Ok(())
 }
 
 async fn set_disabled(c: &Client, name: &str, disable: bool) -> anyhow::Result<()> {

@@ -127,6 +127,13 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminOpts,
     },
+    /// API keys of an account: create more, list, revoke.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+        #[command(flatten)]
+        admin: AdminOpts,
+    },
     /// Nodes of an account.
     Nodes {
         #[command(subcommand)]
@@ -254,6 +261,23 @@ pub enum AccountCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum KeysCmd {
+    /// Make a new API key for the account (printed once, alone on stdout).
+    Create {
+        /// What it is for (shown in `keys list` and the audit log).
+        #[arg(default_value = "")]
+        name: String,
+    },
+    /// The account's keys (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refuse a key from its next request on.
+    Revoke { id: i64 },
 }
 
 #[derive(Subcommand)]
@@ -453,6 +477,7 @@ async fn main() -> ExitCode {
         } => ping(&peer, count, &state_dir).await,
         Cmd::Account { cmd, admin } => admin::account(&admin, cmd).await,
         Cmd::Token { cmd, admin } => admin::token(&admin, cmd).await,
+        Cmd::Keys { cmd, admin } => admin::keys(&admin, cmd).await,
         Cmd::Nodes { cmd, admin } => admin::nodes(&admin, cmd).await,
         Cmd::Routes { cmd, admin } => admin::routes(&admin, cmd).await,
         Cmd::Dns { cmd, admin } => admin::dns(&admin, cmd).await,
