@@ -74,6 +74,13 @@ pub const MAX_DENY_KEYS: usize = 1_000;
 /// Finished records kept until drained; beyond, they are counted as lost.
 pub const MAX_PENDING_RECORDS: usize = 2 * DEFAULT_MAX_FLOWS;
 /// Initial capacity of the table (it grows up to the maximum).
+/// How long a TCP connection that ended stays known as ended, so that its
+/// late segments are dropped rather than adopted as a connection in progress.
+pub const TCP_ENDED_MEMORY: Duration = Duration::from_secs(30);
+/// The same for a connection the policy revoked: its endpoints keep
+/// retransmitting for minutes.
+pub const TCP_REVOKED_MEMORY: Duration = Duration::from_secs(300);
+
 const INITIAL_CAPACITY: usize = 1_024;
 /// Slots examined per sweep at least (the whole table every few ticks).
 const SWEEP_MIN: usize = 1_024;
@@ -548,6 +555,10 @@ pub(crate) struct ConnTrack {
     last_deny_sweep: Option<Instant>,
     pending: Vec<FlowEnd>,
     stats: FlowStats,
+    /// TCP connections that ended (closed, reset, revoked), until when they
+    /// are remembered. Bounded by `max`.
+    ended: HashMap<Key, Instant, FoldBuild>,
+    last_ended_sweep: Option<Instant>,
 }
 
 impl ConnTrack {
@@ -566,6 +577,8 @@ impl ConnTrack {
             last_deny_sweep: None,
             pending: Vec::with_capacity(256),
             stats: FlowStats::default(),
+            ended: HashMap::with_hasher(build),
+            last_ended_sweep: None,
         }
     }
 
@@ -654,6 +667,16 @@ impl ConnTrack {
             }
         }
         self.free.push(idx);
+        if e.proto == PROTO_TCP && matches!(reason, "closed" | "reset" | "revoked") {
+            let memory = if reason == "revoked" {
+                TCP_REVOKED_MEMORY
+            } else {
+                TCP_ENDED_MEMORY
+            };
+            if self.ended.len() < self.max || self.ended.contains_key(&e.key) {
+                self.ended.insert(e.key, now + memory);
+            }
+        }
         let end = match reason {
             "idle" | "closed" => e.last,
             _ => now,
@@ -692,6 +715,13 @@ impl ConnTrack {
         {
             self.last_deny_sweep = Some(now);
             self.flush_denies(now, false);
+        }
+        if self
+            .last_ended_sweep
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+        {
+            self.last_ended_sweep = Some(now);
+            self.ended.retain(|_, until| *until > now);
         }
     }
 
@@ -907,7 +937,10 @@ impl ConnTrack {
             }
         }
         // No connection: may this packet open one?
-        if matches!(p.kind, Kind::Tcp(_) | Kind::IcmpEchoReply) {
+        if let Kind::Tcp(flags) = p.kind {
+            return self.adopt(now, &p, key, flags, bytes, side, peer, path);
+        }
+        if p.kind == Kind::IcmpEchoReply {
             self.stats.dropped_untracked += 1;
             return Err(DropReason::NoConnection);
         }
@@ -921,28 +954,130 @@ impl ConnTrack {
         if !d.allow {
             return Err(self.deny(now, &p, dport, d.rule, side, peer, path));
         }
+        if let Kind::TcpSyn = p.kind {
+            // A new connection on ports an ended one used.
+            self.ended.remove(&key);
+        }
+        let rule = self.rule_name(d.rule);
+        self.open(
+            now,
+            key,
+            (p.src, p.sport),
+            (p.dst, p.dport),
+            p.proto,
+            true,
+            bytes,
+            side,
+            peer,
+            path,
+            rule,
+        )
+    }
+
+    /// A TCP segment of a connection this table does not know: one that was
+    /// open before the node (re)started. Adopted when the policy allows it
+    /// one way or the other, so that restarting the agent does not break the
+    /// connections running through it; dropped when it belongs to a
+    /// connection that ended here (closed, reset, or revoked by a policy
+    /// change — revocation must stay a cut), or is a reset.
+    #[allow(clippy::too_many_arguments)]
+    fn adopt(
+        &mut self,
+        now: Instant,
+        p: &Parsed,
+        key: Key,
+        flags: u8,
+        bytes: u64,
+        side: Side,
+        peer: &[u8; 32],
+        path: Path,
+    ) -> Result<(), DropReason> {
+        let remembered = self.ended.get(&key).is_some_and(|until| *until > now);
+        if flags & TCP_RST != 0 || remembered {
+            self.stats.dropped_untracked += 1;
+            return Err(DropReason::NoConnection);
+        }
+        let (src, dst) = (Ipv4Addr::from(p.src), Ipv4Addr::from(p.dst));
+        let d = self.filter.decide(src, dst, PROTO_TCP, p.dport);
+        let (forward, d) = if d.allow {
+            (true, d)
+        } else {
+            (false, self.filter.decide(dst, src, PROTO_TCP, p.sport))
+        };
+        if !d.allow {
+            self.stats.dropped_untracked += 1;
+            return Err(DropReason::NoConnection);
+        }
+        let rule = self.rule_name(d.rule);
+        let (init, resp) = if forward {
+            ((p.src, p.sport), (p.dst, p.dport))
+        } else {
+            ((p.dst, p.dport), (p.src, p.sport))
+        };
+        // Who opened it is unknown; the side that may open it is taken as
+        // the initiator.
+        let opener_side = if forward {
+            side
+        } else {
+            match side {
+                Side::Egress => Side::Ingress,
+                Side::Ingress => Side::Egress,
+            }
+        };
+        self.open(
+            now,
+            key,
+            init,
+            resp,
+            PROTO_TCP,
+            forward,
+            bytes,
+            opener_side,
+            peer,
+            path,
+            rule,
+        )
+    }
+
+    /// Adds a connection whose first packet (`bytes`, from the initiator
+    /// when `forward`) is being let through.
+    #[allow(clippy::too_many_arguments)]
+    fn open(
+        &mut self,
+        now: Instant,
+        key: Key,
+        init: (u32, u16),
+        resp: (u32, u16),
+        proto: u8,
+        forward: bool,
+        bytes: u64,
+        opener_side: Side,
+        peer: &[u8; 32],
+        path: Path,
+        rule: Option<Arc<str>>,
+    ) -> Result<(), DropReason> {
         if self.map.len() >= self.max && self.sweep_slots(now, SWEEP_WHEN_FULL) == 0 {
             self.stats.dropped_table_full += 1;
             return Err(DropReason::TableFull);
         }
-        let rule = self.rule_name(d.rule);
+        let (out, inn) = if forward { (1, 0) } else { (0, 1) };
         let entry = Entry {
             key,
-            init_ip: p.src,
-            init_port: p.sport,
-            resp_ip: p.dst,
-            resp_port: p.dport,
-            proto: p.proto,
-            direction: match side {
+            init_ip: init.0,
+            init_port: init.1,
+            resp_ip: resp.0,
+            resp_port: resp.1,
+            proto,
+            direction: match opener_side {
                 Side::Egress => FlowDirection::Out,
                 Side::Ingress => FlowDirection::In,
             },
             start: now,
             last: now,
-            packets_out: 1,
-            bytes_out: bytes,
-            packets_in: 0,
-            bytes_in: 0,
+            packets_out: out,
+            bytes_out: out * bytes,
+            packets_in: inn,
+            bytes_in: inn * bytes,
             path,
             peer: *peer,
             rule,
@@ -963,7 +1098,7 @@ impl ConnTrack {
         self.map.insert(key, idx);
         *self
             .pairs
-            .entry(HostPair::new(p.proto, p.src, p.dst))
+            .entry(HostPair::new(proto, init.0, resp.0))
             .or_insert(0) += 1;
         Ok(())
     }

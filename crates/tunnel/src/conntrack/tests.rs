@@ -125,21 +125,41 @@ fn reply_of_an_allowed_flow_passes_although_the_reverse_alone_is_denied() {
 }
 
 #[test]
-fn only_a_syn_opens_a_tcp_connection() {
+fn connections_open_before_a_restart_are_adopted_when_the_policy_allows_them() {
     let now = Instant::now();
-    let mut c = ConnTrack::new(1); // allow-all
-    for flags in [ACK, PSH | ACK, FIN | ACK, SYN | ACK, RST, SYN | FIN] {
-        assert_eq!(
-            out(&mut c, now, &tcp(A, 1234, B, 80, flags, 10)),
-            Err(DropReason::NoConnection),
-            "flags {flags:#x}"
-        );
-    }
-    assert_eq!(c.stats().dropped_untracked, 6);
-    assert_eq!(c.stats().entries, 0);
-    assert!(drain(&mut c).is_empty(), "stray segments are not flows");
-    assert_eq!(out(&mut c, now, &tcp(A, 1234, B, 80, SYN, 0)), Ok(()));
-    assert_eq!(c.stats().entries, 1);
+    // A fresh table (the agent restarted) sees segments of connections
+    // that were already open.
+    let mut c = ct(ssh_only(), now);
+    // The opener's side, mid-stream: allowed (A may reach B:22).
+    assert_eq!(
+        out(&mut c, now, &tcp(A, 40000, B, 22, PSH | ACK, 10)),
+        Ok(())
+    );
+    // The other side of another connection, mid-stream: B:22 answering A is
+    // allowed because A may open it; it is recorded with A as the initiator.
+    assert_eq!(inn(&mut c, now, &tcp(B, 22, A, 40001, ACK, 0)), Ok(()));
+    assert_eq!(out(&mut c, now, &tcp(A, 40001, B, 22, ACK, 5)), Ok(()));
+    assert_eq!(c.stats().entries, 2);
+    // Neither way allowed: dropped, and no flow.
+    assert_eq!(
+        inn(&mut c, now, &tcp(B, 5555, A, 22, ACK, 0)),
+        Err(DropReason::NoConnection)
+    );
+    // A reset never opens anything.
+    assert_eq!(
+        out(&mut c, now, &tcp(A, 40002, B, 22, RST, 0)),
+        Err(DropReason::NoConnection)
+    );
+    assert_eq!(c.stats().dropped_untracked, 2);
+    assert_eq!(c.stats().entries, 2);
+    c.close_all(now);
+    let recs = drain(&mut c);
+    let adopted = recs.iter().find(|r| r.src_port == 40001).unwrap();
+    assert_eq!(adopted.src, A.parse::<Ipv4Addr>().unwrap());
+    assert_eq!(adopted.dst_port, 22);
+    assert_eq!(adopted.direction, FlowDirection::Out);
+    assert_eq!((adopted.packets_out, adopted.packets_in), (1, 1));
+    assert_eq!(adopted.rule.as_deref(), Some("ssh"));
 }
 
 #[test]
@@ -235,6 +255,30 @@ fn revocation_cuts_an_open_connection_in_both_directions() {
     assert_eq!(
         inn(&mut c, later, &tcp(B, 22, A, 40000, PSH | ACK, 10)),
         Err(DropReason::NoConnection)
+    );
+    // Even a policy under which the other side could open it does not bring
+    // the revoked connection back: it is remembered as ended.
+    let b_to_a = Arc::new(Filter::compile(&FilterSpec {
+        default_allow: false,
+        rules: vec![rule(
+            "back",
+            true,
+            "100.64.0.3/32",
+            "100.64.0.2/32",
+            vec![PortRange::ANY],
+        )],
+    }));
+    c.set_filter(later, b_to_a);
+    assert_eq!(
+        inn(&mut c, later, &tcp(B, 22, A, 40000, PSH | ACK, 10)),
+        Err(DropReason::NoConnection)
+    );
+    c.set_filter(
+        later,
+        Arc::new(Filter::compile(&FilterSpec {
+            default_allow: false,
+            rules: vec![dns_rule()],
+        })),
     );
     // A new attempt is denied by the new filter.
     assert_eq!(
