@@ -83,6 +83,8 @@ const FOLLOW_TO_RELAY: Duration = Duration::from_millis(1000);
 const HANDSHAKE_REPATH: Duration = Duration::from_millis(50);
 /// ...or after this long without an answer, at most this many times.
 const HANDSHAKE_QUICK_RETRY: Duration = Duration::from_secs(1);
+/// At most one handshake per peer this often for data of an unknown session.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
 const HANDSHAKE_QUICK_RETRIES: u32 = 4;
 /// Candidates probed per round, at most.
 const MAX_CANDIDATES: usize = 8;
@@ -259,6 +261,9 @@ struct Peer {
     /// path changes before the session is up, the initiation is sent again at
     /// once instead of after WireGuard's 5 s retry.
     handshake_via: Option<(Path, Instant, u32)>,
+    /// When this peer last sent data for a session this node does not have
+    /// and got a fresh handshake for it (this node restarted).
+    resynced: Option<Instant>,
 }
 
 impl Peer {
@@ -319,6 +324,8 @@ impl Peer {
 
 /// WireGuard message type of a handshake initiation (first byte, little endian u32).
 const HANDSHAKE_INIT: u8 = 1;
+/// WireGuard message type of transport data.
+const DATA_MESSAGE: u8 = 4;
 
 /// Remembers that `bytes` (about to go out over `path`) is a handshake initiation.
 fn note_handshake(peer: &mut Peer, path: Path, bytes: &[u8], now: Instant) {
@@ -579,6 +586,7 @@ impl Tunnel {
                 outstanding: Vec::new(),
                 last_activity: None,
                 handshake_via: None,
+                resynced: None,
             },
         );
     }
@@ -894,8 +902,12 @@ impl Tunnel {
             Ok(Packet::PacketData(d)) => d.receiver_idx >> 8,
             Err(_) => return Action::Drop(DropReason::Malformed),
         };
+        let is_data = datagram.first() == Some(&DATA_MESSAGE);
         let relay = self.relay_path(now);
         let Some(peer) = self.peers.get_mut(&id) else {
+            if is_data {
+                return self.resync(now, src, out, DropReason::UnknownPeer);
+            }
             return Action::Drop(DropReason::UnknownPeer);
         };
         if let Source::Relay(claimed) = src {
@@ -911,6 +923,10 @@ impl Tunnel {
                 .is_some_and(|t| now.saturating_duration_since(t) >= FOLLOW_TO_RELAY);
         let result = peer.session.decapsulate(Some(src_ip), datagram, out);
         let action = match result {
+            SessionOutput::Rejected(
+                e
+                @ (SessionError::NoSession | SessionError::UnknownSession | SessionError::Expired),
+            ) if is_data => return self.resync(now, src, out, DropReason::Rejected(e)),
             SessionOutput::Rejected(e) => return Action::Drop(DropReason::Rejected(e)),
             SessionOutput::Done => Action::None,
             SessionOutput::ToNetwork { offset, len } => {
@@ -980,6 +996,64 @@ impl Tunnel {
             }
         }
         action
+    }
+
+    /// Data for a session this node does not know: the sender still uses a
+    /// session from before this node restarted (or lost it). WireGuard would
+    /// leave it sending into the void until its own timers give up (15 s
+    /// and more); instead, a handshake goes to the sender at once (at most
+    /// once a second per peer), so its connections resume within a round
+    /// trip.
+    fn resync(&mut self, now: Instant, src: Source, out: &mut [u8], why: DropReason) -> Action {
+        let id = match src {
+            Source::Relay(key) => self.by_key.get(&key).copied(),
+            Source::Udp(from) => self
+                .peers
+                .iter()
+                .find(|(_, p)| p.direct == Some(from) || p.candidates().any(|c| c == from))
+                .map(|(id, _)| *id),
+        };
+        let relay = self.relay_path(now);
+        let Some(peer) = id.and_then(|id| self.peers.get_mut(&id)) else {
+            return Action::Drop(why);
+        };
+        if peer
+            .resynced
+            .is_some_and(|t| now.saturating_duration_since(t) < RESYNC_INTERVAL)
+        {
+            return Action::Drop(why);
+        }
+        let path = match src {
+            Source::Udp(from) => Path::Direct(from),
+            Source::Relay(_) => match relay {
+                Some(p) => p,
+                None => return Action::Drop(why),
+            },
+        };
+        peer.resynced = Some(now);
+        let SessionOutput::ToNetwork { offset, len } =
+            peer.session.force_handshake(&mut out[RELAY_HEADER..])
+        else {
+            return Action::Drop(why);
+        };
+        if offset != 0 {
+            out.copy_within(
+                RELAY_HEADER + offset..RELAY_HEADER + offset + len,
+                RELAY_HEADER,
+            );
+        }
+        tracing::debug!(peer = %peer.config.name, "data for an unknown session; handshaking again");
+        note_handshake(peer, path, &out[RELAY_HEADER..RELAY_HEADER + len], now);
+        match path {
+            Path::Direct(to) => {
+                out.copy_within(RELAY_HEADER..RELAY_HEADER + len, 0);
+                Action::Send { to, offset: 0, len }
+            }
+            relayed => {
+                let key = peer.config.public_key;
+                relay_action(relayed, &key, out, len)
+            }
+        }
     }
 
     /// Releases packets queued during a handshake; call until [`Action::None`].

@@ -37,6 +37,8 @@ pub enum SessionOutput {
 pub enum SessionError {
     #[error("no session established yet")]
     NoSession,
+    #[error("data for a session this node does not have (the sender's is from before a restart)")]
+    UnknownSession,
     #[error("the session expired; a new handshake is needed")]
     Expired,
     #[error("packet failed authentication or was replayed")]
@@ -50,6 +52,7 @@ pub enum SessionError {
 fn map_err(e: WireGuardError) -> SessionError {
     match e {
         WireGuardError::NoCurrentSession => SessionError::NoSession,
+        WireGuardError::WrongIndex => SessionError::UnknownSession,
         WireGuardError::ConnectionExpired => SessionError::Expired,
         WireGuardError::DestinationBufferTooSmall => SessionError::BufferTooSmall,
         WireGuardError::UnderLoad => SessionError::UnderLoad,

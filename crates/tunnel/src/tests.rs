@@ -292,6 +292,47 @@ fn first_packet_triggers_handshake_then_arrives_intact() {
 }
 
 #[test]
+fn a_restarted_node_handshakes_with_a_sender_of_old_sessions_at_once() {
+    let (mut a, mut b, now) = pair();
+    let mut wire = vec![];
+    let first = ip_packet("100.64.0.2", "100.64.0.3", b"before the restart");
+    a.send_ip(now, &first, &mut wire);
+    run(now, &mut [&mut a, &mut b], &mut wire);
+    assert_eq!(b.delivered, vec![first]);
+
+    // b's agent restarts: same key, no sessions. a still has its session.
+    let t1 = now + Duration::from_millis(500);
+    b = Node::new(2, B_UL);
+    b.tunnel.upsert_peer(t1, peer(1, "a", "100.64.0.2", A_UL));
+    let lost = ip_packet("100.64.0.2", "100.64.0.3", b"sent on the old session");
+    a.send_ip(t1, &lost, &mut wire);
+    assert_eq!(wire.len(), 1);
+    assert_eq!(
+        wire[0].bytes.len(),
+        lost.len() + DATA_OVERHEAD,
+        "data, not a handshake"
+    );
+    run(t1, &mut [&mut a, &mut b], &mut wire);
+    assert!(b.delivered.is_empty());
+    // b answered the unknown session with a handshake, so a's next packet
+    // arrives at once, not after WireGuard's own timeouts (15 s or more).
+    let next = ip_packet("100.64.0.2", "100.64.0.3", b"after the restart");
+    a.send_ip(t1, &next, &mut wire);
+    run(t1, &mut [&mut a, &mut b], &mut wire);
+    assert_eq!(b.delivered, vec![next]);
+
+    // Garbage from a's address cannot make b handshake more than once a second.
+    let t2 = t1 + Duration::from_millis(100);
+    let mut junk = vec![4u8, 0, 0, 0];
+    junk.extend_from_slice(&[0xEE; 28]);
+    let mut out = vec![0u8; 2048];
+    let act = b
+        .tunnel
+        .handle_datagram(t2, A_UL.parse().unwrap(), &junk, &mut out);
+    assert!(matches!(act, Action::Drop(_)), "{act:?}");
+}
+
+#[test]
 fn packet_without_route_is_dropped() {
     let (mut a, _b, now) = pair();
     let mut wire = vec![];
