@@ -323,6 +323,33 @@ fn subnet_route_after_approval_with_snat() {
         lan.web.seen().len() > seen_before,
         "the LAN host's server did not record the fetch",
     );
+    // The flow logs show the fetch from both ends, through the mesh node.
+    let lan_ip = LAN_HOST.to_string();
+    let r = eventually(secs(15.0), || {
+        let out = lab.admin(
+            &m.srv,
+            &m.key,
+            &["logs", "flows", "--json", "--limit", "1000"],
+        );
+        let recs: Vec<Value> = out
+            .stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|f: &Value| f["dst_ip"] == lan_ip.as_str() && f["dst_port"] == HTTP_PORT)
+            .collect();
+        let by = |node: &str| recs.iter().find(|f| f["node"] == node).cloned();
+        match (by("remote"), by("gw")) {
+            (Some(a), Some(b)) => Ok((a, b)),
+            _ => Err(format!("flow records to the LAN host so far: {recs:?}")),
+        }
+    });
+    let (from_remote, at_gw) = lab.check(r, "flow records of the fetch through the mesh node");
+    for f in [&from_remote, &at_gw] {
+        lab.ensure(
+            f["via"] == "gw" && f["decision"] == "allow" && f["src_node"] == "remote",
+            format!("flow record of the subnet fetch: {f}"),
+        );
+    }
 
     let r = lan_route(lab, &remh);
     lab.ensure(

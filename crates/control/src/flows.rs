@@ -141,6 +141,7 @@ pub fn validate_batch(records: &[FlowRecord]) -> Result<Vec<FlowRecord>, String>
             Ok(FlowRecord {
                 proto,
                 path: clean(&r.path, MAX_PATH),
+                via: clean(&r.via, MAX_RULE),
                 rule: clean(&r.rule, MAX_RULE),
                 end_reason: clean(&r.end_reason, MAX_END_REASON),
                 count: r.count.max(1),
@@ -268,6 +269,7 @@ pub async fn ingest(
             packets_in: sat(f.rec.packets_in) as u64,
             bytes_in: sat(f.rec.bytes_in) as u64,
             path: f.rec.path.clone(),
+            via: f.rec.via.clone(),
             decision: f.rec.decision.clone(),
             rule: f.rec.rule.clone(),
             count: sat(f.rec.count) as u64,
@@ -336,6 +338,7 @@ struct FlowRow {
     packets_in: i64,
     bytes_in: i64,
     path: String,
+    via: String,
     decision: String,
     rule: String,
     count: i64,
@@ -365,6 +368,7 @@ impl TryFrom<FlowRow> for FlowLogRecord {
             packets_in: u(r.packets_in),
             bytes_in: u(r.bytes_in),
             path: r.path,
+            via: r.via,
             decision: r.decision,
             rule: r.rule,
             count: u(r.count),
@@ -407,8 +411,8 @@ impl Store {
                 "INSERT INTO flows (account_id, node_id, node_name, start_ms, end_ms, proto, \
                  src_ip, src_port, src_node, dst_ip, dst_port, dst_node, direction, \
                  packets_out, bytes_out, packets_in, bytes_in, path, decision, rule, count, \
-                 end_reason, received_ms) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 end_reason, received_ms, via) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
                  RETURNING id",
             )
             .bind(account_id)
@@ -434,6 +438,7 @@ impl Store {
             .bind(sat(r.count))
             .bind(&r.end_reason)
             .bind(received_ms)
+            .bind(&r.via)
             .fetch_one(&mut *tx)
             .await?;
             ids.push(id);
@@ -463,7 +468,7 @@ impl Store {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
             "SELECT id, node_name, start_ms, end_ms, proto, src_ip, src_port, src_node, dst_ip, \
              dst_port, dst_node, direction, packets_out, bytes_out, packets_in, bytes_in, path, \
-             decision, rule, count, end_reason FROM flows WHERE account_id = ",
+             decision, rule, count, end_reason, via FROM flows WHERE account_id = ",
         );
         q.push_bind(account_id);
         if let Some(t) = filter.since_ms {
@@ -860,6 +865,7 @@ mod tests {
             packets_in: 1,
             bytes_in: 60,
             path: "direct".into(),
+            via: String::new(),
             decision: "allow".into(),
             rule: "r\u{7}ule".into(),
             count: 0,

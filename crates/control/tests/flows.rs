@@ -258,6 +258,7 @@ fn flow(src: &str, dst: &str, dport: u16, decision: &str, end_ms: i64) -> FlowRe
         packets_in: 8,
         bytes_in: 9000,
         path: "direct".into(),
+        via: String::new(),
         decision: decision.into(),
         rule: if decision == "deny" {
             "no-ssh".into()

@@ -573,6 +573,7 @@ mod tests {
             packets_in: 2,
             bytes_in: 120,
             path: "direct".into(),
+            via: String::new(),
             decision: "allow".into(),
             rule: "ssh".into(),
             count: 1,

@@ -297,9 +297,38 @@ fn collect_flows(agent: &Agent) -> Vec<FlowRecord> {
     }
     let (now, wall) = (Instant::now(), unix_ms());
     let at = |t: Instant| wall - now.saturating_duration_since(t).as_millis() as i64;
+    // Names and addresses of this node and its peers, to tell flows that
+    // went through a mesh node (one end on a subnet behind it).
+    let (me, peers): (
+        Option<(String, Ipv4Addr)>,
+        HashMap<[u8; 32], (String, Ipv4Addr)>,
+    ) = {
+        let inner = agent.lock();
+        match &inner.map {
+            Some(m) => (
+                Some((m.self_node.name.clone(), m.self_node.ip)),
+                m.peers
+                    .iter()
+                    .map(|p| (p.public_key.0, (p.name.clone(), p.ip)))
+                    .collect(),
+            ),
+            None => (None, HashMap::new()),
+        }
+    };
     ended
         .into_iter()
-        .map(|f| FlowRecord {
+        .map(|f| {
+            let out = matches!(f.direction, trellis_tunnel::FlowDirection::Out);
+            let (local, remote) = if out { (f.src, f.dst) } else { (f.dst, f.src) };
+            let via = match (peers.get(&f.peer), &me) {
+                (Some((name, ip)), _) if remote != *ip => name.clone(),
+                (_, Some((name, ip))) if local != *ip => name.clone(),
+                _ => String::new(),
+            };
+            (f, via)
+        })
+        .map(|(f, via)| FlowRecord {
+            via,
             start_ms: at(f.start),
             end_ms: at(f.end),
             proto: match f.proto {

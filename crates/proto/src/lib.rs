@@ -448,6 +448,10 @@ pub struct FlowRecord {
     /// `direct`, `relay-udp` or `relay-tcp` (the path to the peer when the
     /// flow began).
     pub path: String,
+    /// The mesh node the flow went through when one of its ends is a host
+    /// on that node's subnet; empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub via: String,
     /// `allow` or `deny`.
     pub decision: String,
     /// Name of the rule that decided; empty when the policy's default did.

@@ -40,6 +40,10 @@ pub struct FlowLogRecord {
     pub bytes_in: u64,
     /// `direct`, `relay-udp` or `relay-tcp`.
     pub path: String,
+    /// The mesh node the flow went through (a host on its subnet was one
+    /// end); empty otherwise.
+    #[serde(default)]
+    pub via: String,
     /// `allow` or `deny`.
     pub decision: String,
     /// The rule that decided; empty when the policy's default did.

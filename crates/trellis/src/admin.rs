@@ -882,7 +882,11 @@ fn flow_line(r: &FlowLogRecord) -> String {
         end(&r.src_node, r.src_ip, r.src_port),
         end(&r.dst_node, r.dst_ip, r.dst_port),
         r.proto,
-        r.path,
+        if r.via.is_empty() {
+            r.path.clone()
+        } else {
+            format!("{} via {}", r.path, r.via)
+        },
         decision,
         format!("{}/{}", human_bytes(r.bytes_out), human_bytes(r.bytes_in)),
         r.end_reason
@@ -1302,6 +1306,7 @@ mod tests {
             packets_in: 4,
             bytes_in: 3 * 1024 * 1024,
             path: "relay-udp".into(),
+            via: String::new(),
             decision: "deny".into(),
             rule: "no-db".into(),
             count: 4,
