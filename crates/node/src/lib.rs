@@ -288,6 +288,9 @@ struct Agent {
     flows: Flows,
 }
 
+/// A node's name and overlay address.
+type NameIp = (String, Ipv4Addr);
+
 /// Finished flows since the last call, to be logged on the control plane.
 fn collect_flows(agent: &Agent) -> Vec<FlowRecord> {
     let mut ended = Vec::new();
@@ -299,10 +302,7 @@ fn collect_flows(agent: &Agent) -> Vec<FlowRecord> {
     let at = |t: Instant| wall - now.saturating_duration_since(t).as_millis() as i64;
     // Names and addresses of this node and its peers, to tell flows that
     // went through a mesh node (one end on a subnet behind it).
-    let (me, peers): (
-        Option<(String, Ipv4Addr)>,
-        HashMap<[u8; 32], (String, Ipv4Addr)>,
-    ) = {
+    let (me, peers): (Option<NameIp>, HashMap<[u8; 32], NameIp>) = {
         let inner = agent.lock();
         match &inner.map {
             Some(m) => (
