@@ -6,6 +6,9 @@
 //! a wrong or missing one is refused with 403. A session acts only on the
 //! account of the admin who logged in.
 
+// Handlers pass finished pages (an error page, a redirect) up as `Err(Response)`.
+#![allow(clippy::result_large_err)]
+
 pub mod auth;
 pub mod db;
 pub mod install;
