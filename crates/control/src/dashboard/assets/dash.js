@@ -34,7 +34,7 @@ document.querySelectorAll("button[data-copy]").forEach((btn) => {
 function deviceItem(d) {
   const li = el("li", { class: "device", "data-name": d.name, "data-ip": d.ip, "data-online": String(d.online) });
   li.append(el("span", { class: "dot", "aria-hidden": "true" }), el("strong", {}, d.name), " ", el("code", {}, d.ip), " ",
-    el("span", { class: "state" }, d.online ? "online" : "offline, seen " + d.last_seen));
+    el("span", { class: "state" }, d.online ? "online" : d.last_seen === "never" ? "not connected yet" : "offline, last seen " + d.last_seen));
   return li;
 }
 
