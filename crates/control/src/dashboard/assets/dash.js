@@ -69,7 +69,8 @@ if (live) {
       if (count) count.textContent = "(" + data.online + " online)";
       const waiting = document.getElementById("waiting");
       if (waiting) waiting.textContent = data.total === 0 ? "Waiting for the first device…"
-        : data.online < 2 ? "Waiting for a second device to come online…" : "Two devices are online: test the connection.";
+        : data.online < 2 ? data.online + " of " + data.total + " online: waiting until two devices are online…"
+        : "Two devices are online: test the connection.";
       const online = document.getElementById("online-count");
       if (online) online.textContent = data.online;
       const total = document.getElementById("total-count");
