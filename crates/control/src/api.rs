@@ -42,6 +42,8 @@ pub struct AppState {
     pub dns_suffix: Arc<str>,
     /// Live feed of newly stored flow records.
     pub flows: Arc<crate::flows::FlowBus>,
+    /// The dashboard's in-memory state (URL, login rate limit).
+    pub dash: Arc<crate::dashboard::DashState>,
 }
 
 /// Unix seconds now.
@@ -748,7 +750,8 @@ impl Modify for BearerAuth {
         crate::tokens::disable_node, crate::tokens::enable_node,
         crate::keys::list_keys, crate::keys::create_key, crate::keys::revoke_key,
         crate::policy::get_policy, crate::policy::put_policy, crate::policy::policy_history,
-        crate::policy::restore_policy, crate::policy::test_policy, crate::audit::list_audit),
+        crate::policy::restore_policy, crate::policy::test_policy, crate::audit::list_audit,
+        crate::dashboard::create_admin),
     components(schemas(ApiError, AccountInfo, CreateAccountRequest, CreateAccountResponse,
         CreateTokenRequest, CreateTokenResponse, NodeInfo, EnrollRequest, EnrollResponse,
         RouteInfo, ApproveRouteRequest, DnsRecordInfo, RenameNodeRequest,
@@ -759,7 +762,8 @@ impl Modify for BearerAuth {
         trellis_proto::PolicyVersionInfo, trellis_proto::RestorePolicyRequest,
         trellis_proto::PolicyTestRequest, trellis_proto::PolicyTestResponse,
         trellis_proto::AuditEntry, trellis_proto::ApiKeyInfo,
-        trellis_proto::CreateApiKeyRequest, trellis_proto::CreateApiKeyResponse)),
+        trellis_proto::CreateApiKeyRequest, trellis_proto::CreateApiKeyResponse,
+        crate::dashboard::CreateAdminRequest, crate::dashboard::AdminInfo)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -795,6 +799,7 @@ pub fn router(state: AppState) -> Router {
         .route("/policy/restore", post(crate::policy::restore_policy))
         .route("/policy/test", post(crate::policy::test_policy))
         .route("/audit", get(crate::audit::list_audit))
+        .route("/admins", post(crate::dashboard::create_admin))
         .route("/enroll", post(enroll))
         .route("/node/stream", get(node_stream))
         .route("/relay", get(relay_ws))
@@ -802,5 +807,8 @@ pub fn router(state: AppState) -> Router {
         .route("/logs/flows/stream", get(crate::flows::stream_flows))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
-    Router::new().nest("/api/v1", api).with_state(state)
+    Router::new()
+        .nest("/api/v1", api)
+        .merge(crate::dashboard::router())
+        .with_state(state)
 }
