@@ -745,7 +745,8 @@ impl Modify for BearerAuth {
         enroll, node_stream, relay_ws, crate::flows::list_flows, crate::flows::stream_flows,
         crate::tokens::list_tokens, crate::tokens::revoke_token, crate::tokens::set_node_tags,
         crate::policy::get_policy, crate::policy::put_policy, crate::policy::policy_history,
-        crate::policy::restore_policy, crate::policy::test_policy, crate::audit::list_audit),
+        crate::policy::restore_policy, crate::policy::test_policy, crate::audit::list_audit,
+        crate::probe::probe_node),
     components(schemas(ApiError, AccountInfo, CreateAccountRequest, CreateAccountResponse,
         CreateTokenRequest, CreateTokenResponse, NodeInfo, EnrollRequest, EnrollResponse,
         RouteInfo, ApproveRouteRequest, DnsRecordInfo, RenameNodeRequest,
@@ -755,7 +756,7 @@ impl Modify for BearerAuth {
         trellis_proto::PolicyProblem, trellis_proto::PolicyRejected,
         trellis_proto::PolicyVersionInfo, trellis_proto::RestorePolicyRequest,
         trellis_proto::PolicyTestRequest, trellis_proto::PolicyTestResponse,
-        trellis_proto::AuditEntry)),
+        trellis_proto::AuditEntry, crate::probe::ProbeRequest, crate::probe::ProbeOutcome)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -776,6 +777,7 @@ pub fn router(state: AppState) -> Router {
         .route("/tokens", get(crate::tokens::list_tokens))
         .route("/tokens/{id}", delete(crate::tokens::revoke_token))
         .route("/nodes/{name}/tags", put(crate::tokens::set_node_tags))
+        .route("/nodes/{name}/probe", post(crate::probe::probe_node))
         .route(
             "/policy",
             get(crate::policy::get_policy).put(crate::policy::put_policy),

@@ -24,6 +24,7 @@ pub mod flows;
 pub mod map;
 pub mod mesh;
 pub mod policy;
+pub mod probe;
 pub mod relay;
 pub mod store;
 pub mod stream;

@@ -759,9 +759,14 @@ async fn stream_once(
     send_flows(agent, outbox, &mut tx).await?;
     let mut check = tokio::time::interval(LOCAL_ADDR_CHECK);
     check.tick().await;
+    // Answers to connection tests, which run beside the stream.
+    let (probe_tx, mut probe_rx) = tokio::sync::mpsc::unbounded_channel::<NodeMessage>();
     loop {
         tokio::select! {
             _ = agent.flows.sealed().notified() => send_flows(agent, outbox, &mut tx).await?,
+            Some(answer) = probe_rx.recv() => {
+                tx.send(Message::Text(serde_json::to_string(&answer)?.into())).await?;
+            }
             msg = tokio::time::timeout(STREAM_IDLE_TIMEOUT, rx.next()) => {
                 let msg = match msg {
                     Err(_) => bail!("no word from the control plane for {STREAM_IDLE_TIMEOUT:?}"),
@@ -798,6 +803,15 @@ async fn stream_once(
                                 }
                             }
                             ServerMessage::Removed { reason } => return Ok(Fatal::Removed(reason)),
+                            ServerMessage::Probe { id, target } => {
+                                let agent = agent.clone();
+                                let answers = probe_tx.clone();
+                                tokio::spawn(async move {
+                                    let answer = probe_peer(&agent, id, target).await;
+                                    // The stream may be gone by now; the server then gives up on its own.
+                                    let _ = answers.send(answer);
+                                });
+                            }
                         }
                     }
                     Message::Ping(p) => tx.send(Message::Pong(p)).await?,
@@ -977,6 +991,69 @@ async fn ping_peer(
         }
     }
     Ok(())
+}
+
+/// How long a connection test may take on the node.
+const PROBE_DEADLINE: Duration = Duration::from_secs(3);
+/// How long one ping of a connection test waits before another is sent (the
+/// first may be lost while the peers handshake).
+const PROBE_RETRY: Duration = Duration::from_millis(700);
+
+/// A connection test the control plane asked for: pings the peer whose
+/// overlay address is `target` until one answers or [`PROBE_DEADLINE`] passes.
+async fn probe_peer(agent: &Agent, id: u64, target: Ipv4Addr) -> NodeMessage {
+    let fail = |error: String| NodeMessage::ProbeResult {
+        id,
+        ok: false,
+        rtt_ms: None,
+        path: None,
+        error: Some(error),
+    };
+    let peer = agent
+        .dp
+        .tunnel()
+        .status(Instant::now())
+        .into_iter()
+        .find(|p| p.allowed_ips.first().is_some_and(|n| n.addr() == target));
+    let Some(peer) = peer else {
+        return fail(format!(
+            "{target} is not among this node's peers (its network map may not have caught up yet)"
+        ));
+    };
+    let deadline = Instant::now() + PROBE_DEADLINE;
+    let mut last_error = None;
+    while Instant::now() < deadline {
+        match agent.dp.ping(&peer.public_key) {
+            Err(e) => {
+                last_error = Some(e.to_string());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(txid) => {
+                let sent = Instant::now();
+                while sent.elapsed() < PROBE_RETRY && Instant::now() < deadline {
+                    if let Some(r) = agent.dp.ping_result(txid) {
+                        return NodeMessage::ProbeResult {
+                            id,
+                            ok: true,
+                            rtt_ms: Some(r.rtt.as_secs_f64() * 1000.0),
+                            path: Some(r.path.kind().to_string()),
+                            error: None,
+                        };
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                last_error = None;
+            }
+        }
+    }
+    fail(match last_error {
+        Some(e) => e,
+        None => format!(
+            "no answer within {} s (is {} running and allowed to receive UDP?)",
+            PROBE_DEADLINE.as_secs(),
+            peer.name
+        ),
+    })
 }
 
 /// Asks a running agent to ping a peer; calls `each` with every reply line.
