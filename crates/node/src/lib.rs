@@ -998,6 +998,9 @@ const PROBE_DEADLINE: Duration = Duration::from_secs(3);
 /// How long one ping of a connection test waits before another is sent (the
 /// first may be lost while the peers handshake).
 const PROBE_RETRY: Duration = Duration::from_millis(700);
+/// After an answer through the relay, how long a connection test keeps
+/// pinging to see whether a direct path comes up.
+const PROBE_DIRECT_GRACE: Duration = Duration::from_millis(1500);
 
 /// A connection test the control plane asked for: pings the peer whose
 /// overlay address is `target` until one answers or [`PROBE_DEADLINE`] passes.
@@ -1020,8 +1023,11 @@ async fn probe_peer(agent: &Agent, id: u64, target: Ipv4Addr) -> NodeMessage {
             "{target} is not among this node's peers (its network map may not have caught up yet)"
         ));
     };
-    let deadline = Instant::now() + PROBE_DEADLINE;
+    let mut deadline = Instant::now() + PROBE_DEADLINE;
     let mut last_error = None;
+    // The first answer through the relay; kept while a direct path is given
+    // a moment to come up (the ping itself starts the search for one).
+    let mut relayed: Option<NodeMessage> = None;
     while Instant::now() < deadline {
         match agent.dp.ping(&peer.public_key) {
             Err(e) => {
@@ -1030,21 +1036,41 @@ async fn probe_peer(agent: &Agent, id: u64, target: Ipv4Addr) -> NodeMessage {
             }
             Ok(txid) => {
                 let sent = Instant::now();
-                while sent.elapsed() < PROBE_RETRY && Instant::now() < deadline {
+                let wait = if relayed.is_some() {
+                    Duration::from_millis(100)
+                } else {
+                    PROBE_RETRY
+                };
+                while sent.elapsed() < wait && Instant::now() < deadline {
                     if let Some(r) = agent.dp.ping_result(txid) {
-                        return NodeMessage::ProbeResult {
+                        let answer = NodeMessage::ProbeResult {
                             id,
                             ok: true,
                             rtt_ms: Some(r.rtt.as_secs_f64() * 1000.0),
                             path: Some(r.path.kind().to_string()),
                             error: None,
                         };
+                        if matches!(r.path, trellis_tunnel::Path::Direct(_)) {
+                            return answer;
+                        }
+                        if relayed.is_none() {
+                            deadline = deadline.min(Instant::now() + PROBE_DIRECT_GRACE);
+                            relayed = Some(answer);
+                        }
+                        break;
                     }
                     tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                if relayed.is_some() {
+                    // Pace the follow-up pings.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 last_error = None;
             }
         }
+    }
+    if let Some(answer) = relayed {
+        return answer;
     }
     fail(match last_error {
         Some(e) => e,
