@@ -42,6 +42,8 @@ pub struct AppState {
     pub dns_suffix: Arc<str>,
     /// Live feed of newly stored flow records.
     pub flows: Arc<crate::flows::FlowBus>,
+    /// The dashboard's in-memory state (URL, login rate limit).
+    pub dash: Arc<crate::dashboard::DashState>,
 }
 
 /// Unix seconds now.
@@ -746,7 +748,7 @@ impl Modify for BearerAuth {
         crate::tokens::list_tokens, crate::tokens::revoke_token, crate::tokens::set_node_tags,
         crate::policy::get_policy, crate::policy::put_policy, crate::policy::policy_history,
         crate::policy::restore_policy, crate::policy::test_policy, crate::audit::list_audit,
-        crate::probe::probe_node),
+        crate::probe::probe_node, crate::dashboard::create_admin),
     components(schemas(ApiError, AccountInfo, CreateAccountRequest, CreateAccountResponse,
         CreateTokenRequest, CreateTokenResponse, NodeInfo, EnrollRequest, EnrollResponse,
         RouteInfo, ApproveRouteRequest, DnsRecordInfo, RenameNodeRequest,
@@ -756,7 +758,8 @@ impl Modify for BearerAuth {
         trellis_proto::PolicyProblem, trellis_proto::PolicyRejected,
         trellis_proto::PolicyVersionInfo, trellis_proto::RestorePolicyRequest,
         trellis_proto::PolicyTestRequest, trellis_proto::PolicyTestResponse,
-        trellis_proto::AuditEntry, crate::probe::ProbeRequest, crate::probe::ProbeOutcome)),
+        trellis_proto::AuditEntry, crate::probe::ProbeRequest, crate::probe::ProbeOutcome,
+        crate::dashboard::CreateAdminRequest, crate::dashboard::AdminInfo)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -786,6 +789,7 @@ pub fn router(state: AppState) -> Router {
         .route("/policy/restore", post(crate::policy::restore_policy))
         .route("/policy/test", post(crate::policy::test_policy))
         .route("/audit", get(crate::audit::list_audit))
+        .route("/admins", post(crate::dashboard::create_admin))
         .route("/enroll", post(enroll))
         .route("/node/stream", get(node_stream))
         .route("/relay", get(relay_ws))
@@ -793,5 +797,8 @@ pub fn router(state: AppState) -> Router {
         .route("/logs/flows/stream", get(crate::flows::stream_flows))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
-    Router::new().nest("/api/v1", api).with_state(state)
+    Router::new()
+        .nest("/api/v1", api)
+        .merge(crate::dashboard::router())
+        .with_state(state)
 }

@@ -29,6 +29,8 @@ pub mod action {
     pub const DNS_REMOVE: &str = "dns.remove";
     pub const POLICY_SET: &str = "policy.set";
     pub const POLICY_RESTORE: &str = "policy.restore";
+    pub const ACCOUNT_RENAME: &str = "account.rename";
+    pub const ADMIN_CREATE: &str = "admin.create";
 }
 
 /// Most entries one call returns.

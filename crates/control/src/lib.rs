@@ -20,6 +20,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod dashboard;
 pub mod flows;
 pub mod map;
 pub mod mesh;
@@ -88,6 +89,8 @@ pub struct Server {
     edge: Option<EdgeUdp>,
     edge_addr: Option<SocketAddr>,
     state: AppState,
+    /// The one-time dashboard setup token, while no dashboard admin exists.
+    setup_token: Option<String>,
 }
 
 impl Server {
@@ -125,6 +128,12 @@ impl Server {
             tracing::info!(path = %key_path.display(), "wrote the operator API key");
         }
 
+        // A fresh setup link at each start until the first dashboard admin exists.
+        let setup_token = store
+            .renew_setup_token(now())
+            .await
+            .context("preparing the dashboard's setup link")?;
+
         let secret = load_or_create_relay_secret(&dir.join(RELAY_SECRET_FILE))?;
         let relay_hub = Arc::new(RelayHub::new(secret));
         // Deleted nodes stay refused across restarts, even with unexpired relay tokens.
@@ -157,7 +166,9 @@ impl Server {
             }
         };
         let dns_suffix: Arc<str> = Arc::from(config.dns_suffix.as_str());
+        let dash = Arc::new(dashboard::DashState::new(&server_url(&config, local_addr)));
         Ok(Server {
+            setup_token,
             config,
             listener,
             local_addr,
@@ -172,6 +183,7 @@ impl Server {
                     hub: relay_hub,
                     udp,
                 }),
+                dash,
             },
         })
     }
@@ -184,6 +196,22 @@ impl Server {
     /// public_url if given, else http://<listen addr> (127.0.0.1 when bound to all interfaces).
     pub fn url(&self) -> String {
         server_url(&self.config, self.local_addr)
+    }
+
+    /// The dashboard's one-time setup link, while no dashboard admin exists.
+    pub fn setup_url(&self) -> Option<String> {
+        self.setup_token
+            .as_ref()
+            .map(|t| format!("{}/setup?token={t}", self.url()))
+    }
+
+    /// The line to print at start: `Set up Trellis: URL/setup?token=...` while
+    /// no dashboard admin exists, else `Dashboard: URL/`.
+    pub fn dashboard_line(&self) -> String {
+        match self.setup_url() {
+            Some(link) => format!("Set up Trellis: {link}"),
+            None => format!("Dashboard: {}/", self.url()),
+        }
     }
 
     /// The address the edge's UDP port is bound to, if it runs.

@@ -355,18 +355,26 @@ impl Store {
         self.pool.close().await;
     }
 
-    /// Makes sure account `default` exists; returns it.
+    /// Creates account `default` when no account exists (first start); returns
+    /// the first account (`default`, unless the setup wizard renamed it).
     pub async fn ensure_default_account(&self, now: i64) -> StoreResult<Account> {
-        sqlx::query("INSERT OR IGNORE INTO accounts (name, cidr, created_at) VALUES (?, ?, ?)")
-            .bind(DEFAULT_ACCOUNT)
-            .bind(DEFAULT_CIDR)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO accounts (name, cidr, created_at) SELECT ?, ?, ? \
+             WHERE NOT EXISTS (SELECT 1 FROM accounts)",
+        )
+        .bind(DEFAULT_ACCOUNT)
+        .bind(DEFAULT_CIDR)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
         crate::policy::ensure_policies(&self.pool, now).await?;
-        self.account_by_name(DEFAULT_ACCOUNT)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt("account default vanished".into()))
+        let row: Option<AccountRow> =
+            sqlx::query_as("SELECT id, name, cidr, created_at FROM accounts ORDER BY id LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(Account::try_from)
+            .transpose()?
+            .ok_or_else(|| StoreError::Corrupt("the first account vanished".into()))
     }
 
     /// Creates an API key for `account_id`; returns the plaintext key.

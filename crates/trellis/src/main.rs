@@ -46,7 +46,7 @@ enum Cmd {
         /// Where the SQLite database and admin.key live.
         #[arg(long, default_value = "trellis-data")]
         data_dir: PathBuf,
-        /// HTTP address of the API (and, later, the dashboard).
+        /// HTTP address of the API and the dashboard.
         #[arg(long, default_value = "0.0.0.0:8080")]
         listen: SocketAddr,
         /// UDP address of the edge (endpoint discovery).
@@ -381,6 +381,7 @@ async fn run_server(
         .unwrap_or_else(|| "off".into());
     let url = server.url();
     println!("Trellis server is running at {url}");
+    println!("{}", server.dashboard_line());
     println!("  API:            {url}/api/v1 (OpenAPI: {url}/api/v1/openapi.json)");
     println!("  Edge UDP:       {edge_addr} (endpoint discovery and relay; TCP relay at {url}/api/v1/relay)");
     println!("  Operator key:   {}", server.admin_key_path().display());
