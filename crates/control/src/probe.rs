@@ -23,6 +23,8 @@ use utoipa::ToSchema;
 
 use crate::api::{Admin, ApiErr, ApiJson, AppState};
 use crate::map::Control;
+use crate::store::Node;
+use trellis_policy::{Filter, PROTO_ICMP};
 
 /// How long the control plane waits for the node's answer. The node itself
 /// gives up after about 3 s, so this only fires when the node is stuck.
@@ -203,11 +205,40 @@ pub async fn probe(
         let why = reply.error.take().unwrap_or_else(|| "no answer".into());
         reply.error = Some(format!("{to} is offline ({why})"));
     }
+    let mut message = describe(from, to, &reply);
+    if reply.ok {
+        // The test travels beside the packet filter (it checks the path, not
+        // the policy); say so when the policy would stop a real ping.
+        if let Some(note) = policy_note(state, account_id, &nodes, source, target).await {
+            message.push_str(&note);
+        }
+    }
     Ok(ProbeOutcome {
         ok: reply.ok,
         rtt_ms: reply.rtt_ms.filter(|_| reply.ok),
         path: reply.path.clone().filter(|_| reply.ok),
-        message: describe(from, to, &reply),
+        message,
+    })
+}
+
+/// `"; note: ..."` when the account's policy denies ICMP from `from` to `to`.
+async fn policy_note(
+    state: &AppState,
+    account_id: i64,
+    nodes: &[Node],
+    from: &Node,
+    to: &Node,
+) -> Option<String> {
+    let account = state.store.account_by_id(account_id).await.ok()??;
+    let (_, spec) = crate::policy::effective_filter(&state.store, &account, nodes)
+        .await
+        .ok()??;
+    let decision = Filter::compile(&spec).decide(from.ip, to.ip, PROTO_ICMP, 0);
+    (!decision.allow).then(|| {
+        format!(
+            "; note: the policy does not let {} ping {} (other traffic may be allowed: see `trellis policy test`)",
+            from.name, to.name
+        )
     })
 }
 

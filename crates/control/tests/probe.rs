@@ -227,6 +227,31 @@ async fn probe_reports_rtt_and_path_in_plain_words() {
     let (_, target) = seen.recv().await.unwrap();
     assert_eq!(target, db.ip);
 
+    // A policy that stops ping: the path still works, and the answer says
+    // the policy would stop a real ping.
+    let resp = server
+        .http
+        .put(format!("{}/api/v1/policy", server.url))
+        .bearer_auth(&server.admin)
+        .json(&json!({ "text": "default = \"deny\"\n[[rules]]\nname = \"db\"\naction = \"allow\"\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"tcp:5432\"]\n" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "{}",
+        resp.text().await.unwrap()
+    );
+    let (s, v) = server.probe("laptop", "db-server").await;
+    let out = outcome(s, v);
+    assert!(out.ok);
+    assert!(
+        out.message.starts_with("laptop reached db-server in 3 ms, directly; note: the policy does not let laptop ping db-server"),
+        "{}",
+        out.message
+    );
+
     // Bad requests say what is wrong.
     let (status, v) = server.probe("laptop", "laptop").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
