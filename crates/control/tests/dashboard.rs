@@ -625,6 +625,7 @@ async fn the_wizard_walks_its_steps_in_order_and_resumes() {
         )),
         "{page}"
     );
+    assert!(page.contains("not connected yet"), "{page}");
     // With devices in it, the network keeps its name.
     let resp = b
         .post(
@@ -649,6 +650,15 @@ async fn the_wizard_walks_its_steps_in_order_and_resumes() {
     ] {
         assert!(page.contains(needle), "{needle} missing in {page}");
     }
+    // Two different devices are preselected.
+    assert!(
+        page.contains(r#"<option value="laptop" selected>"#),
+        "{page}"
+    );
+    assert!(
+        page.contains(r#"<option value="db-server" selected>"#),
+        "{page}"
+    );
     let csrf = field(&page, "csrf");
     let resp = b
         .http

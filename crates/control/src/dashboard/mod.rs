@@ -6,6 +6,9 @@
 //! a wrong or missing one is refused with 403. A session acts only on the
 //! account of the admin who logged in.
 
+// Handlers pass finished pages (an error page, a redirect) up as `Err(Response)`.
+#![allow(clippy::result_large_err)]
+
 pub mod auth;
 pub mod db;
 pub mod install;
@@ -867,8 +870,11 @@ async fn test_render(
         Ok(d) => d,
         Err(e) => return store_failed(e),
     };
-    // Preselect the first two online devices.
-    let online: Vec<&DeviceView> = list.iter().filter(|d| d.online).collect();
+    // Preselect two online devices (any two when fewer are online).
+    let mut online: Vec<&DeviceView> = list.iter().filter(|d| d.online).collect();
+    if online.len() < 2 {
+        online = list.iter().collect();
+    }
     let from = if from.is_empty() {
         online.first().map(|d| d.name.clone()).unwrap_or_default()
     } else {
@@ -1102,6 +1108,14 @@ mod tests {
         assert_eq!(ago(20_000, 0), "5 h ago");
         assert_eq!(ago(200_000, 0), "2 days ago");
         assert_eq!(ago(0, 10), "0 s ago");
+    }
+
+    #[test]
+    fn cookies_are_secure_exactly_when_the_url_is_https() {
+        let d = DashState::new("https://mesh.example.com/");
+        assert!(d.secure);
+        assert_eq!(d.url, "https://mesh.example.com");
+        assert!(!DashState::new("http://127.0.0.1:8080").secure);
     }
 
     #[test]

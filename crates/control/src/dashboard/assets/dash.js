@@ -34,7 +34,7 @@ document.querySelectorAll("button[data-copy]").forEach((btn) => {
 function deviceItem(d) {
   const li = el("li", { class: "device", "data-name": d.name, "data-ip": d.ip, "data-online": String(d.online) });
   li.append(el("span", { class: "dot", "aria-hidden": "true" }), el("strong", {}, d.name), " ", el("code", {}, d.ip), " ",
-    el("span", { class: "state" }, d.online ? "online" : "offline, seen " + d.last_seen));
+    el("span", { class: "state" }, d.online ? "online" : d.last_seen === "never" ? "not connected yet" : "offline, last seen " + d.last_seen));
   return li;
 }
 
@@ -69,7 +69,8 @@ if (live) {
       if (count) count.textContent = "(" + data.online + " online)";
       const waiting = document.getElementById("waiting");
       if (waiting) waiting.textContent = data.total === 0 ? "Waiting for the first device…"
-        : data.online < 2 ? "Waiting for a second device to come online…" : "Two devices are online: test the connection.";
+        : data.online < 2 ? data.online + " of " + data.total + " online: waiting until two devices are online…"
+        : "Two devices are online: test the connection.";
       const online = document.getElementById("online-count");
       if (online) online.textContent = data.online;
       const total = document.getElementById("total-count");
