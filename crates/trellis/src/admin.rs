@@ -522,43 +522,39 @@ async fn audit_log(
     limit: u32,
     json: bool,
 ) -> anyhow::Result<()> {
-    match () {
-        () => {
-            let mut path = format!("/audit?limit={limit}");
-            if let Some(s) = &since {
-                if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric()) {
-                    bail!("invalid --since {s:?}: use e.g. 10m, 2h, 7d or unix seconds");
-                }
-                path.push_str(&format!("&since={s}"));
-            }
-            let v: Vec<AuditEntry> = c.get(&path).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                return Ok(());
-            }
-            if v.is_empty() {
-                eprintln!(
-                    "no audit entries{}",
-                    if since.is_some() { " in that time" } else { "" }
-                );
-                return Ok(());
-            }
-            println!(
-                "{:<24} {:<24} {:<15} {:<24} DETAIL",
-                "TIME", "ACTOR", "ACTION", "TARGET"
-            );
-            // Oldest first, like a log.
-            for e in v.iter().rev() {
-                println!(
-                    "{:<24} {:<24} {:<15} {:<24} {}",
-                    rfc3339_ms(e.at_ms),
-                    e.actor,
-                    e.action,
-                    e.target,
-                    e.detail
-                );
-            }
+    let mut path = format!("/audit?limit={limit}");
+    if let Some(s) = &since {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            bail!("invalid --since {s:?}: use e.g. 10m, 2h, 7d or unix seconds");
         }
+        path.push_str(&format!("&since={s}"));
+    }
+    let v: Vec<AuditEntry> = c.get(&path).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if v.is_empty() {
+        eprintln!(
+            "no audit entries{}",
+            if since.is_some() { " in that time" } else { "" }
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<24} {:<15} {:<24} DETAIL",
+        "TIME", "ACTOR", "ACTION", "TARGET"
+    );
+    // Oldest first, like a log.
+    for e in v.iter().rev() {
+        println!(
+            "{:<24} {:<24} {:<15} {:<24} {}",
+            rfc3339_ms(e.at_ms),
+            e.actor,
+            e.action,
+            e.target,
+            e.detail
+        );
     }
     Ok(())
 }
