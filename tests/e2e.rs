@@ -850,3 +850,92 @@ fn bad_tokens_are_rejected() {
     net.lab
         .ensure(net.lab.is_running(ok.node.proc), "ok1 agent died");
 }
+
+// ---------------------------------------------------------------------------
+// "Test the connection": `trellis nodes probe FROM TO`
+// ---------------------------------------------------------------------------
+
+#[test]
+fn nodes_probe_reports_direct_path_and_clear_errors() {
+    let Some(mut net) = Net::new() else { return };
+    let tok = net.token(true);
+    let a = net.node("pa", &tok);
+    let b = net.node("pb", &tok);
+    let lab = &net.lab;
+
+    // Once each knows the other (the map may still be on its way), probes
+    // succeed: through the relay at first perhaps, then directly (the two
+    // share a switch).
+    let r = eventually(secs(15.0), || {
+        let out = lab.admin(&net.srv, &net.key, &["nodes", "probe", "pa", "pb"]);
+        let line = out.stdout.trim().to_string();
+        if !out.success() {
+            return Err(out.describe());
+        }
+        lab.ensure(
+            line.starts_with("pa reached pb in ")
+                && (line.ends_with(", directly") || line.contains("through the relay")),
+            format!("unexpected probe output {line:?}"),
+        );
+        if line.ends_with(", directly") {
+            Ok(line)
+        } else {
+            Err(format!("not direct yet: {line:?}"))
+        }
+    });
+    lab.check(r, "probe pa -> pb, directly");
+    // JSON carries the numbers; the other way works too.
+    let out = lab.admin_ok(
+        &net.srv,
+        &net.key,
+        &["nodes", "probe", "pb", "pa", "--json"],
+    );
+    let v: serde_json::Value = lab.check(serde_json::from_str(&out), "probe --json output");
+    lab.ensure(
+        v["ok"] == true && v["path"] == "direct" && v["rtt_ms"].as_f64().is_some_and(|r| r >= 0.0),
+        format!("unexpected probe JSON {v}"),
+    );
+
+    // Unknown node, the same node twice: refused with a sentence, exit != 0.
+    for (args, want) in [
+        (
+            ["nodes", "probe", "pa", "ghost"],
+            "no device named \"ghost\"",
+        ),
+        (["nodes", "probe", "pa", "pa"], "two different devices"),
+    ] {
+        let out = lab.admin(&net.srv, &net.key, &args);
+        lab.ensure(
+            !out.success() && out.stderr.contains(want),
+            format!(
+                "expected a failure mentioning {want:?}:\n{}",
+                out.describe()
+            ),
+        );
+    }
+
+    // The target's agent stops: the test fails and says why.
+    lab.stop_node(&b.node);
+    let out = lab.admin(&net.srv, &net.key, &["nodes", "probe", "pa", "pb"]);
+    lab.ensure(
+        !out.success()
+            && out
+                .stdout
+                .trim()
+                .starts_with("pa could not reach pb: pb is offline"),
+        format!("probe to a stopped node:\n{}", out.describe()),
+    );
+
+    // The asking node's agent stops: refused at once.
+    lab.stop_node(&a.node);
+    let started = Instant::now();
+    let out = lab.admin(&net.srv, &net.key, &["nodes", "probe", "pa", "pb"]);
+    lab.ensure(
+        !out.success() && out.stderr.contains("pa is offline"),
+        format!("probe from a stopped node:\n{}", out.describe()),
+    );
+    lab.ensure(
+        started.elapsed() < Duration::from_secs(3),
+        format!("refusing took {:?}", started.elapsed()),
+    );
+}

@@ -706,6 +706,10 @@ impl Drop for Lab {
                 let _ = c.wait();
             }
         }
+        // Processes the lab did not start itself but that run in its
+        // namespaces (agents an install script detached, a browser started
+        // by a driver): SIGTERM, ~2 s, SIGKILL.
+        kill_netns_procs(&st.namespaces);
         for ns in st.namespaces.drain(..).rev() {
             let _ = Command::new("ip").args(["netns", "del", &ns]).output();
             let _ = fs::remove_dir_all(Path::new(NETNS_ETC).join(&ns));
@@ -716,6 +720,52 @@ impl Drop for Lab {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Pids of the processes in namespace `ns` (`ip netns pids`), never this one.
+pub fn netns_pids(ns: &str) -> Vec<libc::pid_t> {
+    let me = std::process::id() as libc::pid_t;
+    Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .filter(|p| *p != me)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Ends every process left in the namespaces `nss`: SIGTERM, up to 2 s,
+/// then SIGKILL.
+fn kill_netns_procs(nss: &[String]) {
+    let signal_all = |sig: libc::c_int| {
+        let mut any = false;
+        for ns in nss {
+            for pid in netns_pids(ns) {
+                any = true;
+                // SAFETY: kill has no memory-safety preconditions; the pid is
+                // a process inside a namespace this lab created.
+                unsafe {
+                    libc::kill(pid, sig);
+                }
+            }
+        }
+        any
+    };
+    if !signal_all(libc::SIGTERM) {
+        return;
+    }
+    let end = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < end {
+        thread::sleep(Duration::from_millis(50));
+        if nss.iter().all(|ns| netns_pids(ns).is_empty()) {
+            return;
+        }
+    }
+    signal_all(libc::SIGKILL);
 }
 
 /// Runs a command in the root namespace that only manipulates lab-owned
@@ -764,7 +814,9 @@ where
         .map_err(|_| "thread in namespace panicked".to_string())?
 }
 
-fn enter_netns(ns: &str) -> Result<(), String> {
+/// Moves the calling thread into namespace `ns` (for good: use a thread of
+/// its own).
+pub fn enter_netns(ns: &str) -> Result<(), String> {
     let path = format!("/var/run/netns/{ns}");
     let f = File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
     // SAFETY: valid fd of a netns file; affects only this thread.

@@ -751,7 +751,7 @@ impl Modify for BearerAuth {
         crate::keys::list_keys, crate::keys::create_key, crate::keys::revoke_key,
         crate::policy::get_policy, crate::policy::put_policy, crate::policy::policy_history,
         crate::policy::restore_policy, crate::policy::test_policy, crate::audit::list_audit,
-        crate::dashboard::create_admin),
+        crate::probe::probe_node, crate::dashboard::create_admin),
     components(schemas(ApiError, AccountInfo, CreateAccountRequest, CreateAccountResponse,
         CreateTokenRequest, CreateTokenResponse, NodeInfo, EnrollRequest, EnrollResponse,
         RouteInfo, ApproveRouteRequest, DnsRecordInfo, RenameNodeRequest,
@@ -763,6 +763,7 @@ impl Modify for BearerAuth {
         trellis_proto::PolicyTestRequest, trellis_proto::PolicyTestResponse,
         trellis_proto::AuditEntry, trellis_proto::ApiKeyInfo,
         trellis_proto::CreateApiKeyRequest, trellis_proto::CreateApiKeyResponse,
+        crate::probe::ProbeRequest, crate::probe::ProbeOutcome,
         crate::dashboard::CreateAdminRequest, crate::dashboard::AdminInfo)),
     modifiers(&BearerAuth)
 )]
@@ -791,6 +792,7 @@ pub fn router(state: AppState) -> Router {
         .route("/nodes/{name}/tags", put(crate::tokens::set_node_tags))
         .route("/nodes/{name}/disable", post(crate::tokens::disable_node))
         .route("/nodes/{name}/enable", post(crate::tokens::enable_node))
+        .route("/nodes/{name}/probe", post(crate::probe::probe_node))
         .route(
             "/policy",
             get(crate::policy::get_policy).put(crate::policy::put_policy),

@@ -204,6 +204,8 @@ pub enum Control {
     Replaced,
     /// The node was deleted: tell it, then close.
     Removed(String),
+    /// Send the node a connection test (see [`crate::probe`]); the stream stays open.
+    Probe { id: u64, target: Ipv4Addr },
 }
 
 struct Conn {
@@ -223,6 +225,8 @@ pub struct Hub {
     shutdown: watch::Sender<bool>,
     /// Number of stream tasks still running (registered or not).
     active: watch::Sender<usize>,
+    /// Connection tests waiting for their node's answer.
+    pub probes: crate::probe::Pending,
 }
 
 impl Default for Hub {
@@ -243,6 +247,7 @@ impl Hub {
             next_conn: AtomicU64::new(1),
             shutdown,
             active,
+            probes: crate::probe::Pending::default(),
         }
     }
 
@@ -341,6 +346,13 @@ impl Hub {
         if let Some(conn) = self.lock().remove(&node_id) {
             let _ = conn.control.send(Control::Removed(reason.to_string()));
         }
+    }
+
+    /// Gives the open stream of `node_id` an order. False if the node has none.
+    pub fn send_control(&self, node_id: i64, order: Control) -> bool {
+        self.lock()
+            .get(&node_id)
+            .is_some_and(|conn| conn.control.send(order).is_ok())
     }
 
     pub fn is_online(&self, node_id: i64) -> bool {

@@ -223,6 +223,7 @@ async fn serve(
     .await;
 
     if state.hub.unregister(node.id, conn_id) {
+        state.hub.probes.node_gone(node.id);
         if let Err(e) = state.store.touch_last_seen(node.id, now()).await {
             tracing::warn!(node = %node.name, error = %e, "could not record last_seen");
         }
@@ -306,6 +307,9 @@ async fn connected(
                                 }
                             }
                         }
+                        Ok(NodeMessage::ProbeResult { id, ok, rtt_ms, path, error }) => {
+                            state.hub.probes.complete(node.id, id, crate::probe::ProbeReply { ok, rtt_ms, path, error });
+                        }
                         Err(e) => {
                             tracing::warn!(node = %node.name, error = %e, "ignoring a malformed message");
                         }
@@ -345,6 +349,10 @@ async fn connected(
             }
             order = control.recv() => {
                 match order {
+                    Some(Control::Probe { id, target }) => {
+                        send(ws, &ServerMessage::Probe { id, target }).await?;
+                        continue;
+                    }
                     Some(Control::Removed(reason)) => {
                         send(ws, &ServerMessage::Removed { reason }).await?;
                         close(ws, CLOSE_NORMAL, "removed").await;

@@ -788,9 +788,14 @@ async fn stream_once(
     send_flows(agent, outbox, &mut tx).await?;
     let mut check = tokio::time::interval(LOCAL_ADDR_CHECK);
     check.tick().await;
+    // Answers to connection tests, which run beside the stream.
+    let (probe_tx, mut probe_rx) = tokio::sync::mpsc::unbounded_channel::<NodeMessage>();
     loop {
         tokio::select! {
             _ = agent.flows.sealed().notified() => send_flows(agent, outbox, &mut tx).await?,
+            Some(answer) = probe_rx.recv() => {
+                tx.send(Message::Text(serde_json::to_string(&answer)?.into())).await?;
+            }
             msg = tokio::time::timeout(STREAM_IDLE_TIMEOUT, rx.next()) => {
                 let msg = match msg {
                     Err(_) => bail!("no word from the control plane for {STREAM_IDLE_TIMEOUT:?}"),
@@ -827,6 +832,15 @@ async fn stream_once(
                                 }
                             }
                             ServerMessage::Removed { reason } => return Ok(Fatal::Removed(reason)),
+                            ServerMessage::Probe { id, target } => {
+                                let agent = agent.clone();
+                                let answers = probe_tx.clone();
+                                tokio::spawn(async move {
+                                    let answer = probe_peer(&agent, id, target).await;
+                                    // The stream may be gone by now; the server then gives up on its own.
+                                    let _ = answers.send(answer);
+                                });
+                            }
                         }
                     }
                     Message::Ping(p) => tx.send(Message::Pong(p)).await?,
@@ -1006,6 +1020,95 @@ async fn ping_peer(
         }
     }
     Ok(())
+}
+
+/// How long a connection test may take on the node.
+const PROBE_DEADLINE: Duration = Duration::from_secs(3);
+/// How long one ping of a connection test waits before another is sent (the
+/// first may be lost while the peers handshake).
+const PROBE_RETRY: Duration = Duration::from_millis(700);
+/// After an answer through the relay, how long a connection test keeps
+/// pinging to see whether a direct path comes up.
+const PROBE_DIRECT_GRACE: Duration = Duration::from_millis(1500);
+
+/// A connection test the control plane asked for: pings the peer whose
+/// overlay address is `target` until one answers or [`PROBE_DEADLINE`] passes.
+async fn probe_peer(agent: &Agent, id: u64, target: Ipv4Addr) -> NodeMessage {
+    let fail = |error: String| NodeMessage::ProbeResult {
+        id,
+        ok: false,
+        rtt_ms: None,
+        path: None,
+        error: Some(error),
+    };
+    let peer = agent
+        .dp
+        .tunnel()
+        .status(Instant::now())
+        .into_iter()
+        .find(|p| p.allowed_ips.first().is_some_and(|n| n.addr() == target));
+    let Some(peer) = peer else {
+        return fail(format!(
+            "{target} is not among this node's peers (its network map may not have caught up yet)"
+        ));
+    };
+    let mut deadline = Instant::now() + PROBE_DEADLINE;
+    let mut last_error = None;
+    // The first answer through the relay; kept while a direct path is given
+    // a moment to come up (the ping itself starts the search for one).
+    let mut relayed: Option<NodeMessage> = None;
+    while Instant::now() < deadline {
+        match agent.dp.ping(&peer.public_key) {
+            Err(e) => {
+                last_error = Some(e.to_string());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(txid) => {
+                let sent = Instant::now();
+                let wait = if relayed.is_some() {
+                    Duration::from_millis(100)
+                } else {
+                    PROBE_RETRY
+                };
+                while sent.elapsed() < wait && Instant::now() < deadline {
+                    if let Some(r) = agent.dp.ping_result(txid) {
+                        let answer = NodeMessage::ProbeResult {
+                            id,
+                            ok: true,
+                            rtt_ms: Some(r.rtt.as_secs_f64() * 1000.0),
+                            path: Some(r.path.kind().to_string()),
+                            error: None,
+                        };
+                        if matches!(r.path, trellis_tunnel::Path::Direct(_)) {
+                            return answer;
+                        }
+                        if relayed.is_none() {
+                            deadline = deadline.min(Instant::now() + PROBE_DIRECT_GRACE);
+                            relayed = Some(answer);
+                        }
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                if relayed.is_some() {
+                    // Pace the follow-up pings.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                last_error = None;
+            }
+        }
+    }
+    if let Some(answer) = relayed {
+        return answer;
+    }
+    fail(match last_error {
+        Some(e) => e,
+        None => format!(
+            "no answer within {} s (is {} running and allowed to receive UDP?)",
+            PROBE_DEADLINE.as_secs(),
+            peer.name
+        ),
+    })
 }
 
 /// Asks a running agent to ping a peer; calls `each` with every reply line.

@@ -313,6 +313,21 @@ pub enum NodeMessage {
     /// acknowledges it with [`ServerMessage::FlowsAck`]. Until then the node
     /// keeps it on disk and sends it again after a reconnect.
     Flows { seq: u64, records: Vec<FlowRecord> },
+    /// The answer to [`ServerMessage::Probe`] with the same `id`.
+    ProbeResult {
+        id: u64,
+        /// A ping to the target came back.
+        ok: bool,
+        /// Round-trip time of the ping that came back.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rtt_ms: Option<f64>,
+        /// The path the answer took: `direct`, `relay-udp` or `relay-tcp`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+        /// Why the target could not be reached.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 /// What the control plane tells a node.
@@ -344,6 +359,10 @@ pub enum ServerMessage {
     FlowsAck { seq: u64 },
     /// The node was removed by an admin: it must stop and not reconnect.
     Removed { reason: String },
+    /// Ping the peer with overlay address `target` through the mesh and
+    /// answer with [`NodeMessage::ProbeResult`] carrying the same `id`
+    /// ("test the connection").
+    Probe { id: u64, target: Ipv4Addr },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -421,6 +421,24 @@ pub async fn nodes(opts: &AdminOpts, cmd: NodesCmd) -> anyhow::Result<()> {
                 eprintln!("node {} is tagged {}", n.name, n.tags.join(", "));
             }
         }
+        NodesCmd::Probe { from, to, json } => {
+            trellis_proto::validate_name("node", &from).map_err(|e| anyhow!(e))?;
+            trellis_proto::validate_name("node", &to).map_err(|e| anyhow!(e))?;
+            let out: trellis_control::probe::ProbeOutcome = c
+                .post(
+                    &format!("/nodes/{from}/probe"),
+                    &trellis_control::probe::ProbeRequest { to },
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!("{}", out.message);
+            }
+            if !out.ok {
+                std::process::exit(1);
+            }
+        }
     }
     Ok(())
 }

@@ -334,6 +334,14 @@ pub enum NodesCmd {
         #[arg(long, conflicts_with = "tags")]
         clear: bool,
     },
+    /// Test the connection: node FROM pings node TO through the mesh and
+    /// reports the round-trip time and the path (exits 1 if it fails).
+    Probe {
+        from: String,
+        to: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]

@@ -1103,6 +1103,13 @@ impl Tunnel {
         let relay = self.relay_path(now);
         let me = *self.public.as_bytes();
         let peer = self.peers.get_mut(&id).expect("by_key and peers agree");
+        // A ping counts as activity, like traffic: an idle peer's direct
+        // path is looked for (at once), so that a connection test finds
+        // the path real traffic would take.
+        if !peer.active(now) && !peer.direct_alive(now) {
+            peer.reset_probing(now);
+        }
+        peer.last_activity = Some(now);
         let path = peer.path(now, relay).ok_or(PingError::NoPath)?;
         let len = disco::encode(Kind::Probe, &me, txid, &peer.pair, &mut out[RELAY_HEADER..]);
         if let Path::Direct(_) = path {

@@ -676,6 +676,43 @@ fn ping_reports_rtt_and_path() {
 }
 
 #[test]
+fn a_ping_looks_for_the_direct_path_like_traffic_does() {
+    let (mut a, mut b, mut now) = relayed_pair();
+    let mut edge = Edge::default();
+    // Idle peers: nothing looks for a direct path, the relay is the way.
+    for _ in 0..5 {
+        tick_all(now, &mut a, &mut b, &mut edge, &[]);
+        now += Duration::from_millis(100);
+    }
+    assert_eq!(path_of(&a, now), "relay-udp");
+
+    // A ping (a connection test) counts as activity: probing starts and a
+    // later ping finds the direct path, without any traffic.
+    let mut out = vec![0u8; 2048];
+    let mut wire = vec![];
+    let (first, act) = a.tunnel.ping(now, &pubkey(2), &mut out).unwrap();
+    push(&mut wire, a.addr, act, &out);
+    run_sim(now, &mut [&mut a, &mut b], &mut edge, &[], &mut wire);
+    assert_eq!(
+        a.tunnel.ping_result(first).unwrap().path.kind(),
+        "relay-udp"
+    );
+    let mut direct_after = None;
+    for i in 0..20 {
+        now += Duration::from_millis(100);
+        tick_all(now, &mut a, &mut b, &mut edge, &[]);
+        let (txid, act) = a.tunnel.ping(now, &pubkey(2), &mut out).unwrap();
+        push(&mut wire, a.addr, act, &out);
+        run_sim(now, &mut [&mut a, &mut b], &mut edge, &[], &mut wire);
+        if a.tunnel.ping_result(txid).map(|r| r.path.kind()) == Some("direct") {
+            direct_after = Some(i);
+            break;
+        }
+    }
+    assert!(direct_after.is_some(), "pings never went direct");
+}
+
+#[test]
 fn forged_probes_and_relay_claims_are_refused() {
     let (mut a, mut b, now) = relayed_pair();
     let mut out = vec![0u8; 2048];
