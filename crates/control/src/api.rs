@@ -44,6 +44,8 @@ pub struct AppState {
     pub flows: Arc<crate::flows::FlowBus>,
     /// The dashboard's in-memory state (URL, login rate limit).
     pub dash: Arc<crate::dashboard::DashState>,
+    /// How long flow records are kept (shown on the dashboard's settings page).
+    pub flow_retention: std::time::Duration,
 }
 
 /// Unix seconds now.

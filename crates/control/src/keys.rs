@@ -10,7 +10,7 @@ use trellis_proto::{ApiError, ApiKeyInfo, CreateApiKeyRequest, CreateApiKeyRespo
 
 use crate::api::{now, Admin, ApiErr, ApiJson, AppState};
 use crate::audit::{self, action};
-use crate::store::{hash_secret, new_secret};
+use crate::store::{hash_secret, new_secret, Account, Store, StoreError};
 
 const MAX_NAME: usize = 64;
 
@@ -33,15 +33,19 @@ pub async fn list_keys(
     State(st): State<AppState>,
     admin: Admin,
 ) -> Result<Json<Vec<ApiKeyInfo>>, ApiErr> {
+    Ok(Json(list(&st.store, admin.account.id).await?))
+}
+
+/// The API keys of `account_id`, newest first (the API and the dashboard).
+pub(crate) async fn list(store: &Store, account_id: i64) -> Result<Vec<ApiKeyInfo>, StoreError> {
     let rows: Vec<KeyRow> = sqlx::query_as(
         "SELECT id, name, operator, created_at, revoked_at FROM api_keys \
          WHERE account_id = ? ORDER BY id DESC",
     )
-    .bind(admin.account.id)
-    .fetch_all(&st.store.pool)
-    .await
-    .map_err(crate::store::StoreError::from)?;
-    Ok(Json(rows.into_iter().map(info).collect()))
+    .bind(account_id)
+    .fetch_all(&store.pool)
+    .await?;
+    Ok(rows.into_iter().map(info).collect())
 }
 
 fn info(r: KeyRow) -> ApiKeyInfo {
@@ -66,7 +70,19 @@ pub async fn create_key(
     admin: Admin,
     ApiJson(req): ApiJson<CreateApiKeyRequest>,
 ) -> Result<Json<CreateApiKeyResponse>, ApiErr> {
-    let name = req.name.trim().to_string();
+    Ok(Json(
+        create(&st.store, &admin.account, &req.name, &admin.actor).await?,
+    ))
+}
+
+/// Makes a new API key named `name` for `account` (the API and the dashboard).
+pub(crate) async fn create(
+    store: &Store,
+    account: &Account,
+    name: &str,
+    actor: &str,
+) -> Result<CreateApiKeyResponse, ApiErr> {
+    let name = name.trim().to_string();
     if name.chars().count() > MAX_NAME || name.chars().any(char::is_control) {
         return Err(ApiErr::new(
             StatusCode::BAD_REQUEST,
@@ -75,13 +91,13 @@ pub async fn create_key(
     }
     let key = new_secret("trk_");
     let store_err = crate::store::StoreError::from;
-    let mut tx = st.store.pool.begin().await.map_err(store_err)?;
+    let mut tx = store.pool.begin().await.map_err(store_err)?;
     let (id,): (i64,) = sqlx::query_as(
         "INSERT INTO api_keys (key_hash, account_id, operator, created_at, name) \
          VALUES (?, ?, 0, ?, ?) RETURNING id",
     )
     .bind(hash_secret(&key))
-    .bind(admin.account.id)
+    .bind(account.id)
     .bind(now())
     .bind(&name)
     .fetch_one(&mut *tx)
@@ -89,8 +105,8 @@ pub async fn create_key(
     .map_err(store_err)?;
     audit::record(
         &mut tx,
-        admin.account.id,
-        &admin.actor,
+        account.id,
+        actor,
         action::KEY_CREATE,
         &format!("key {id}"),
         &name,
@@ -98,12 +114,12 @@ pub async fn create_key(
     .await
     .map_err(store_err)?;
     tx.commit().await.map_err(store_err)?;
-    tracing::info!(account = %admin.account.name, key = id, actor = %admin.actor, "API key created");
-    Ok(Json(CreateApiKeyResponse {
+    tracing::info!(account = %account.name, key = id, actor = %actor, "API key created");
+    Ok(CreateApiKeyResponse {
         id,
         name,
         api_key: key,
-    }))
+    })
 }
 
 /// Revokes an API key: the next request made with it is refused.
@@ -125,9 +141,20 @@ pub async fn revoke_key(
             format!("invalid key id {id:?}: give the number shown by `trellis keys list`"),
         )
     })?;
+    revoke(&st.store, &admin.account, id, &admin.actor).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Revokes API key `id` of `account` (the API and the dashboard). The
+/// operator key is refused (403); revoking a revoked key changes nothing.
+pub(crate) async fn revoke(
+    store: &Store,
+    account: &Account,
+    id: i64,
+    actor: &str,
+) -> Result<(), ApiErr> {
     let store_err = crate::store::StoreError::from;
-    let mut tx = st
-        .store
+    let mut tx = store
         .pool
         .begin_with("BEGIN IMMEDIATE")
         .await
@@ -137,7 +164,7 @@ pub async fn revoke_key(
          WHERE id = ? AND account_id = ?",
     )
     .bind(id)
-    .bind(admin.account.id)
+    .bind(account.id)
     .fetch_optional(&mut *tx)
     .await
     .map_err(store_err)?;
@@ -146,7 +173,7 @@ pub async fn revoke_key(
             StatusCode::NOT_FOUND,
             format!(
                 "no API key with id {id} in account {:?}; see `trellis keys list`",
-                admin.account.name
+                account.name
             ),
         ));
     };
@@ -157,7 +184,7 @@ pub async fn revoke_key(
         ));
     }
     if row.revoked_at.is_some() {
-        return Ok(StatusCode::NO_CONTENT);
+        return Ok(());
     }
     sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ?")
         .bind(now())
@@ -167,8 +194,8 @@ pub async fn revoke_key(
         .map_err(store_err)?;
     audit::record(
         &mut tx,
-        admin.account.id,
-        &admin.actor,
+        account.id,
+        actor,
         action::KEY_REVOKE,
         &format!("key {id}"),
         &row.name,
@@ -176,6 +203,6 @@ pub async fn revoke_key(
     .await
     .map_err(store_err)?;
     tx.commit().await.map_err(store_err)?;
-    tracing::info!(account = %admin.account.name, key = id, actor = %admin.actor, "API key revoked");
-    Ok(StatusCode::NO_CONTENT)
+    tracing::info!(account = %account.name, key = id, actor = %actor, "API key revoked");
+    Ok(())
 }

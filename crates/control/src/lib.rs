@@ -168,6 +168,7 @@ impl Server {
         };
         let dns_suffix: Arc<str> = Arc::from(config.dns_suffix.as_str());
         let dash = Arc::new(dashboard::DashState::new(&server_url(&config, local_addr)));
+        let flow_retention = config.flow_retention;
         Ok(Server {
             setup_token,
             config,
@@ -185,6 +186,7 @@ impl Server {
                     udp,
                 }),
                 dash,
+                flow_retention,
             },
         })
     }

@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod db;
 pub mod install;
+mod manage;
 mod pages;
 
 use std::collections::HashMap;
@@ -83,6 +84,7 @@ pub fn router() -> Router<AppState> {
         .route("/download/trellis", get(install::download))
         .route("/assets/dash.css", get(css))
         .route("/assets/dash.js", get(js))
+        .merge(manage::routes())
         .fallback(not_found)
         .layer(map_response(security_headers))
 }

@@ -119,3 +119,41 @@ if (testForm) {
     }
   });
 }
+
+// Pages: devices (dashboard/manage.rs). The devices table keeps its action
+// forms; status, last seen, OS, version and tags are updated in place every
+// second, and a note asks for a reload when devices were added or removed.
+const manageTable = document.getElementById("manage-devices");
+if (manageTable) {
+  const rows = new Map();
+  manageTable.querySelectorAll("tbody tr[data-name]").forEach((tr) => rows.set(tr.dataset.name, tr));
+  const changed = document.getElementById("manage-devices-changed");
+  const onlineCount = document.getElementById("manage-online");
+  const set = (tr, cls, text) => { const td = tr.querySelector("." + cls); if (td && td.textContent !== text) td.textContent = text; };
+  const tick = async () => {
+    try {
+      const r = await fetch(manageTable.dataset.live, { credentials: "same-origin", headers: { Accept: "application/json" } });
+      if (r.status === 401) { window.location = "/login"; return; }
+      if (!r.ok) return;
+      const data = await r.json();
+      const seen = new Set();
+      for (const d of data.devices) {
+        seen.add(d.name);
+        const tr = rows.get(d.name);
+        if (!tr) continue;
+        tr.dataset.online = String(d.online);
+        const state = tr.querySelector(".m-state");
+        if (state) state.textContent = d.online ? "online" : "offline";
+        const time = tr.querySelector(".m-seen time");
+        if (time) { time.textContent = d.last_seen; time.setAttribute("datetime", d.last_seen_at); }
+        set(tr, "m-os", d.os);
+        set(tr, "m-version", d.version);
+        set(tr, "m-tags", d.tags.join(", "));
+      }
+      if (onlineCount) onlineCount.textContent = data.online;
+      const differs = seen.size !== rows.size || [...rows.keys()].some((n) => !seen.has(n));
+      if (changed) changed.hidden = !differs;
+    } catch (_) { /* the server may be restarting: try again next second */ }
+  };
+  setInterval(tick, 1000);
+}
