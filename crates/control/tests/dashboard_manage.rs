@@ -227,8 +227,10 @@ impl Running {
     async fn enroll_routes(&self, token: &str, key: u8, name: &str, routes: &[&str]) {
         let resp = Client::new()
             .post(self.at("/api/v1/enroll"))
-            .json(&json!({"token": token, "public_key": NodeKey([key; 32]).to_string(),
-                "name": name, "advertise_routes": routes}))
+            .json(
+                &json!({"token": token, "public_key": NodeKey([key; 32]).to_string(),
+                "name": name, "advertise_routes": routes}),
+            )
             .send()
             .await
             .unwrap();
@@ -306,7 +308,13 @@ async fn every_page_renders_for_an_admin_and_needs_a_session() {
     let a = r.setup_admin().await;
     let tok = r.token(None).await;
     r.enroll(&tok, 1, "laptop").await;
-    for (path, current) in PAGES.iter().zip(["Devices", "Join tokens", "Routes", "Admins &amp; keys", "Settings"]) {
+    for (path, current) in PAGES.iter().zip([
+        "Devices",
+        "Join tokens",
+        "Routes",
+        "Admins &amp; keys",
+        "Settings",
+    ]) {
         let (status, page) = a.get(&r.at(path)).await;
         assert_eq!(status, StatusCode::OK, "{path}: {page}");
         assert!(page.contains("<h1>"), "{path}");
@@ -363,12 +371,21 @@ async fn devices_are_renamed_tagged_disabled_and_deleted() {
     let url = r.at("/devices/laptop/rename");
     let (status, _) = a.post_text(&url, &[("name", "laptop-2")]).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, _) = a.post_text(&url, &[("csrf", "wrong"), ("name", "laptop-2")]).await;
+    let (status, _) = a
+        .post_text(&url, &[("csrf", "wrong"), ("name", "laptop-2")])
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, page) = a.post_text(&url, &[("csrf", &csrf), ("name", "Bad Name!")]).await;
+    let (status, page) = a
+        .post_text(&url, &[("csrf", &csrf), ("name", "Bad Name!")])
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(text_of(&page, "error").contains("invalid node name"), "{page}");
-    let (status, page) = a.post_text(&url, &[("csrf", &csrf), ("name", "server")]).await;
+    assert!(
+        text_of(&page, "error").contains("invalid node name"),
+        "{page}"
+    );
+    let (status, page) = a
+        .post_text(&url, &[("csrf", &csrf), ("name", "server")])
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{page}");
     assert!(page.contains(r#"id="error""#), "{page}");
     assert!(r.node("laptop").await.is_some());
@@ -384,13 +401,23 @@ async fn devices_are_renamed_tagged_disabled_and_deleted() {
     let url = r.at("/devices/laptop-2/tags");
     let (status, _) = a.post_text(&url, &[("tags", "web")]).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, page) = a.post_text(&url, &[("csrf", &csrf), ("tags", "web, bad tag")]).await;
+    let (status, page) = a
+        .post_text(&url, &[("csrf", &csrf), ("tags", "web, bad tag")])
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(text_of(&page, "error").contains("invalid tag name"), "{page}");
+    assert!(
+        text_of(&page, "error").contains("invalid tag name"),
+        "{page}"
+    );
     assert_eq!(r.node("laptop-2").await.unwrap()["tags"], json!([]));
-    let resp = a.post(&url, &[("csrf", &csrf), ("tags", " web, DB ,,web")]).await;
+    let resp = a
+        .post(&url, &[("csrf", &csrf), ("tags", " web, DB ,,web")])
+        .await;
     assert_eq!(location(&resp), "/devices?done=tagged");
-    assert_eq!(r.node("laptop-2").await.unwrap()["tags"], json!(["web", "db"]));
+    assert_eq!(
+        r.node("laptop-2").await.unwrap()["tags"],
+        json!(["web", "db"])
+    );
     let (_, page) = a.get(&r.at("/devices/laptop-2")).await;
     assert_eq!(field(&page, "tags"), "web, db");
 
@@ -398,22 +425,30 @@ async fn devices_are_renamed_tagged_disabled_and_deleted() {
     let (status, _) = a.post_text(&r.at("/devices/laptop-2/disable"), &[]).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(r.node("laptop-2").await.unwrap()["disabled"], false);
-    let resp = a.post(&r.at("/devices/laptop-2/disable"), &[("csrf", &csrf)]).await;
+    let resp = a
+        .post(&r.at("/devices/laptop-2/disable"), &[("csrf", &csrf)])
+        .await;
     assert_eq!(location(&resp), "/devices?done=disabled");
     assert_eq!(r.node("laptop-2").await.unwrap()["disabled"], true);
     let (_, page) = a.get(&r.at("/devices")).await;
     assert!(page.contains(r#"action="/devices/laptop-2/enable""#));
-    let resp = a.post(&r.at("/devices/laptop-2/enable"), &[("csrf", &csrf)]).await;
+    let resp = a
+        .post(&r.at("/devices/laptop-2/enable"), &[("csrf", &csrf)])
+        .await;
     assert_eq!(location(&resp), "/devices?done=enabled");
     assert_eq!(r.node("laptop-2").await.unwrap()["disabled"], false);
 
     // Delete: a confirmation page, then the post.
     let (_, page) = a.get(&r.at("/devices/laptop-2/delete")).await;
     assert!(page.contains(r#"<form method="post" action="/devices/laptop-2/delete" id="delete">"#));
-    let (status, _) = a.post_text(&r.at("/devices/laptop-2/delete"), &[("csrf", "")]).await;
+    let (status, _) = a
+        .post_text(&r.at("/devices/laptop-2/delete"), &[("csrf", "")])
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(r.node("laptop-2").await.is_some());
-    let resp = a.post(&r.at("/devices/laptop-2/delete"), &[("csrf", &csrf)]).await;
+    let resp = a
+        .post(&r.at("/devices/laptop-2/delete"), &[("csrf", &csrf)])
+        .await;
     assert_eq!(location(&resp), "/devices?done=deleted");
     assert!(r.node("laptop-2").await.is_none());
     assert!(r.node("server").await.is_some());
@@ -425,7 +460,13 @@ async fn devices_are_renamed_tagged_disabled_and_deleted() {
         .or_else(|| audit["entries"].as_array())
         .expect("audit entries")
         .clone();
-    for act in ["node.rename", "node.tag", "node.disable", "node.enable", "node.delete"] {
+    for act in [
+        "node.rename",
+        "node.tag",
+        "node.disable",
+        "node.enable",
+        "node.delete",
+    ] {
         assert!(
             entries
                 .iter()
@@ -453,24 +494,42 @@ async fn join_tokens_are_created_shown_once_and_revoked() {
         .post_text(&r.at("/tokens"), &[("csrf", &csrf), ("ttl", "99y")])
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(text_of(&page, "error").contains("1 hour, 24 hours or 7 days"), "{page}");
+    assert!(
+        text_of(&page, "error").contains("1 hour, 24 hours or 7 days"),
+        "{page}"
+    );
     let (status, page) = a
-        .post_text(&r.at("/tokens"), &[("csrf", &csrf), ("ttl", "1h"), ("tags", "ok, not ok")])
+        .post_text(
+            &r.at("/tokens"),
+            &[("csrf", &csrf), ("ttl", "1h"), ("tags", "ok, not ok")],
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(text_of(&page, "error").contains("invalid tag name"), "{page}");
+    assert!(
+        text_of(&page, "error").contains("invalid tag name"),
+        "{page}"
+    );
     assert_eq!(field(&page, "tags"), "ok, not ok");
     assert_eq!(count(r.get("/tokens").await), before);
 
     let (status, page) = a
         .post_text(
             &r.at("/tokens"),
-            &[("csrf", &csrf), ("reusable", "on"), ("ttl", "7d"), ("tags", "ci, build"), ("routes_auto_approve", "on")],
+            &[
+                ("csrf", &csrf),
+                ("reusable", "on"),
+                ("ttl", "7d"),
+                ("tags", "ci, build"),
+                ("routes_auto_approve", "on"),
+            ],
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{page}");
     let cmd = text_of(&page, "join-command");
-    let prefix = format!("curl -fsSL {}/install.sh | sudo sh -s -- --token trj_", r.url);
+    let prefix = format!(
+        "curl -fsSL {}/install.sh | sudo sh -s -- --token trj_",
+        r.url
+    );
     assert!(cmd.starts_with(&prefix), "{cmd}");
     let token = cmd.rsplit(' ').next().unwrap().to_string();
     assert_eq!(text_of(&page, "token-value"), token);
@@ -484,22 +543,32 @@ async fn join_tokens_are_created_shown_once_and_revoked() {
     assert_eq!(left, 7 * 86_400);
     // The token works, and is never shown again.
     r.enroll(&token, 5, "builder").await;
-    assert_eq!(r.node("builder").await.unwrap()["tags"], json!(["ci", "build"]));
+    assert_eq!(
+        r.node("builder").await.unwrap()["tags"],
+        json!(["ci", "build"])
+    );
     let (_, page) = a.get(&r.at("/tokens")).await;
     assert!(!page.contains(&token));
     assert!(!page.contains(r#"id="join-command""#));
     let id = t["id"].as_i64().unwrap();
-    assert!(page.contains(&format!(r#"<tr data-id="{id}" data-state="active">"#)), "{page}");
+    assert!(
+        page.contains(&format!(r#"<tr data-id="{id}" data-state="active">"#)),
+        "{page}"
+    );
 
     // Revoke.
     let url = r.at(&format!("/tokens/{id}/revoke"));
     let (status, _) = a.post_text(&url, &[]).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(r.get("/tokens").await[0]["revoked"], false);
-    let (status, page) = a.post_text(&r.at("/tokens/abc/revoke"), &[("csrf", &csrf)]).await;
+    let (status, page) = a
+        .post_text(&r.at("/tokens/abc/revoke"), &[("csrf", &csrf)])
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(page.contains(r#"id="error""#));
-    let (status, _) = a.post_text(&r.at("/tokens/99999/revoke"), &[("csrf", &csrf)]).await;
+    let (status, _) = a
+        .post_text(&r.at("/tokens/99999/revoke"), &[("csrf", &csrf)])
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let resp = a.post(&url, &[("csrf", &csrf)]).await;
     assert_eq!(location(&resp), "/tokens?done=revoked");
@@ -515,10 +584,16 @@ async fn advertised_routes_are_listed_and_approved() {
     let r = Running::start(dir.path()).await;
     let a = r.setup_admin().await;
     let tok = r.token(None).await;
-    r.enroll_routes(&tok, 3, "gateway", &["192.168.7.0/24"]).await;
+    r.enroll_routes(&tok, 3, "gateway", &["192.168.7.0/24"])
+        .await;
     let csrf = a.token_of(&r).await;
     let (_, page) = a.get(&r.at("/routes")).await;
-    assert!(page.contains(r#"<tr data-node="gateway" data-cidr="192.168.7.0/24" data-approved="false">"#), "{page}");
+    assert!(
+        page.contains(
+            r#"<tr data-node="gateway" data-cidr="192.168.7.0/24" data-approved="false">"#
+        ),
+        "{page}"
+    );
     let approved = || async { r.get("/routes").await[0]["approved"].clone() };
 
     let url = r.at("/routes/approve");
@@ -527,24 +602,48 @@ async fn advertised_routes_are_listed_and_approved() {
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, page) = a
-        .post_text(&url, &[("csrf", &csrf), ("node", "gateway"), ("cidr", "192.168.7")])
+        .post_text(
+            &url,
+            &[("csrf", &csrf), ("node", "gateway"), ("cidr", "192.168.7")],
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(text_of(&page, "error").contains("not a subnet"), "{page}");
     let (status, page) = a
-        .post_text(&url, &[("csrf", &csrf), ("node", "gateway"), ("cidr", "192.168.7.1/24")])
+        .post_text(
+            &url,
+            &[
+                ("csrf", &csrf),
+                ("node", "gateway"),
+                ("cidr", "192.168.7.1/24"),
+            ],
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(text_of(&page, "error").contains("host bits"), "{page}");
     let (status, page) = a
-        .post_text(&url, &[("csrf", &csrf), ("node", "nobody"), ("cidr", "192.168.7.0/24")])
+        .post_text(
+            &url,
+            &[
+                ("csrf", &csrf),
+                ("node", "nobody"),
+                ("cidr", "192.168.7.0/24"),
+            ],
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(page.contains(r#"id="error""#), "{page}");
     assert_eq!(approved().await, false);
 
     let resp = a
-        .post(&url, &[("csrf", &csrf), ("node", "gateway"), ("cidr", "192.168.7.0/24")])
+        .post(
+            &url,
+            &[
+                ("csrf", &csrf),
+                ("node", "gateway"),
+                ("cidr", "192.168.7.0/24"),
+            ],
+        )
         .await;
     assert_eq!(location(&resp), "/routes?done=approved");
     assert_eq!(approved().await, true);
@@ -563,11 +662,16 @@ async fn api_keys_and_admins_are_managed() {
     let (_, page) = a.get(&r.at("/access")).await;
     assert!(page.contains("Operator key"));
     assert!(page.contains("Cannot be revoked here"));
-    assert!(!page.contains(r#"action="/access/keys/1/revoke""#), "{page}");
+    assert!(
+        !page.contains(r#"action="/access/keys/1/revoke""#),
+        "{page}"
+    );
     assert!(text_of(&page, "admins").is_empty() || page.contains(EMAIL));
 
     // API keys.
-    let (status, _) = a.post_text(&r.at("/access/keys"), &[("name", "backup")]).await;
+    let (status, _) = a
+        .post_text(&r.at("/access/keys"), &[("name", "backup")])
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, page) = a
         .post_text(&r.at("/access/keys"), &[("csrf", &csrf), ("name", "  ")])
@@ -582,14 +686,25 @@ async fn api_keys_and_admins_are_managed() {
     assert!(page.contains(r#"id="key-error""#));
     assert_eq!(r.get("/keys").await.as_array().unwrap().len(), 1);
     let (status, page) = a
-        .post_text(&r.at("/access/keys"), &[("csrf", &csrf), ("name", "backup")])
+        .post_text(
+            &r.at("/access/keys"),
+            &[("csrf", &csrf), ("name", "backup")],
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{page}");
     let key = text_of(&page, "api-key");
     assert!(key.starts_with("trk_"), "{key}");
     let with_key = |k: String| {
         let url = r.at("/api/v1/nodes");
-        async move { Client::new().get(url).bearer_auth(k).send().await.unwrap().status() }
+        async move {
+            Client::new()
+                .get(url)
+                .bearer_auth(k)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
     };
     assert_eq!(with_key(key.clone()).await, StatusCode::OK);
     let keys = r.get("/keys").await;
@@ -603,7 +718,10 @@ async fn api_keys_and_admins_are_managed() {
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(with_key(key.clone()).await, StatusCode::OK);
     let resp = a
-        .post(&r.at(&format!("/access/keys/{id}/revoke")), &[("csrf", &csrf)])
+        .post(
+            &r.at(&format!("/access/keys/{id}/revoke")),
+            &[("csrf", &csrf)],
+        )
         .await;
     assert_eq!(location(&resp), "/access?done=key-revoked");
     assert_eq!(with_key(key).await, StatusCode::UNAUTHORIZED);
@@ -617,7 +735,10 @@ async fn api_keys_and_admins_are_managed() {
         .as_i64()
         .unwrap();
     let (status, page) = a
-        .post_text(&r.at(&format!("/access/keys/{op}/revoke")), &[("csrf", &csrf)])
+        .post_text(
+            &r.at(&format!("/access/keys/{op}/revoke")),
+            &[("csrf", &csrf)],
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(text_of(&page, "key-error").contains("operator key cannot be revoked"));
@@ -625,36 +746,78 @@ async fn api_keys_and_admins_are_managed() {
 
     // Admins.
     let url = r.at("/access/admins");
-    let good = [("email", "kim@example.com"), ("password", "a long enough one")];
+    let good = [
+        ("email", "kim@example.com"),
+        ("password", "a long enough one"),
+    ];
     let (status, _) = a.post_text(&url, &good).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, page) = a
-        .post_text(&url, &[("csrf", &csrf), ("email", "kim@example.com"), ("password", "short")])
+        .post_text(
+            &url,
+            &[
+                ("csrf", &csrf),
+                ("email", "kim@example.com"),
+                ("password", "short"),
+            ],
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(text_of(&page, "admin-error").contains("at least 10"), "{page}");
+    assert!(
+        text_of(&page, "admin-error").contains("at least 10"),
+        "{page}"
+    );
     assert_eq!(field(&page, "email"), "kim@example.com");
     let (status, page) = a
-        .post_text(&url, &[("csrf", &csrf), ("email", "kim"), ("password", "a long enough one")])
+        .post_text(
+            &url,
+            &[
+                ("csrf", &csrf),
+                ("email", "kim"),
+                ("password", "a long enough one"),
+            ],
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(text_of(&page, "admin-error").contains("not an email"), "{page}");
+    assert!(
+        text_of(&page, "admin-error").contains("not an email"),
+        "{page}"
+    );
     let b = Browser::new();
     assert_eq!(
-        b.login(&r, "kim@example.com", "a long enough one").await.status(),
+        b.login(&r, "kim@example.com", "a long enough one")
+            .await
+            .status(),
         StatusCode::UNAUTHORIZED
     );
     let resp = a
-        .post(&url, &[("csrf", &csrf), ("email", "Kim@Example.com"), ("password", "a long enough one")])
+        .post(
+            &url,
+            &[
+                ("csrf", &csrf),
+                ("email", "Kim@Example.com"),
+                ("password", "a long enough one"),
+            ],
+        )
         .await;
     assert_eq!(location(&resp), "/access?done=admin-added");
     let (_, page) = a.get(&r.at("/access")).await;
     assert!(page.contains("kim@example.com"));
     let (status, page) = a
-        .post_text(&url, &[("csrf", &csrf), ("email", "kim@example.com"), ("password", "a long enough one")])
+        .post_text(
+            &url,
+            &[
+                ("csrf", &csrf),
+                ("email", "kim@example.com"),
+                ("password", "a long enough one"),
+            ],
+        )
         .await;
     assert_eq!(status, StatusCode::CONFLICT);
-    assert!(text_of(&page, "admin-error").contains("already exists"), "{page}");
+    assert!(
+        text_of(&page, "admin-error").contains("already exists"),
+        "{page}"
+    );
     let kim = r.login("kim@example.com", "a long enough one").await;
     let (status, _) = kim.get(&r.at("/devices")).await;
     assert_eq!(status, StatusCode::OK);
@@ -670,7 +833,10 @@ async fn settings_show_the_network_and_the_server() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(text_of(&page, "network-name"), "default");
     let acc = r.get("/accounts").await;
-    assert_eq!(text_of(&page, "network-cidr"), acc[0]["cidr"].as_str().unwrap());
+    assert_eq!(
+        text_of(&page, "network-cidr"),
+        acc[0]["cidr"].as_str().unwrap()
+    );
     assert_eq!(text_of(&page, "dns-domain"), "default.mesh");
     assert_eq!(text_of(&page, "flow-retention"), "30 days");
     assert_eq!(text_of(&page, "public-url"), r.url);
@@ -683,13 +849,20 @@ async fn another_accounts_admin_can_neither_see_nor_change() {
     let r = Running::start(dir.path()).await;
     let a = r.setup_admin().await;
     let tok = r.token(None).await;
-    r.enroll_routes(&tok, 7, "secret-db", &["10.9.0.0/16"]).await;
+    r.enroll_routes(&tok, 7, "secret-db", &["10.9.0.0/16"])
+        .await;
     let a_csrf = a.token_of(&r).await;
     let (_, page) = a
-        .post_text(&r.at("/access/keys"), &[("csrf", &a_csrf), ("name", "a-script")])
+        .post_text(
+            &r.at("/access/keys"),
+            &[("csrf", &a_csrf), ("name", "a-script")],
+        )
         .await;
     let a_key = text_of(&page, "api-key");
-    let a_token_id = r.get("/tokens").await[0]["id"].as_i64().unwrap().to_string();
+    let a_token_id = r.get("/tokens").await[0]["id"]
+        .as_i64()
+        .unwrap()
+        .to_string();
     let a_key_id = r.get("/keys").await[0]["id"].as_i64().unwrap().to_string();
 
     let b = r.other_admin().await;
@@ -716,17 +889,27 @@ async fn another_accounts_admin_can_neither_see_nor_change() {
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
     }
     let (status, _) = b
-        .post_text(&r.at(&format!("/tokens/{a_token_id}/revoke")), &[("csrf", &csrf)])
+        .post_text(
+            &r.at(&format!("/tokens/{a_token_id}/revoke")),
+            &[("csrf", &csrf)],
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = b
-        .post_text(&r.at(&format!("/access/keys/{a_key_id}/revoke")), &[("csrf", &csrf)])
+        .post_text(
+            &r.at(&format!("/access/keys/{a_key_id}/revoke")),
+            &[("csrf", &csrf)],
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = b
         .post_text(
             &r.at("/routes/approve"),
-            &[("csrf", &csrf), ("node", "secret-db"), ("cidr", "10.9.0.0/16")],
+            &[
+                ("csrf", &csrf),
+                ("node", "secret-db"),
+                ("cidr", "10.9.0.0/16"),
+            ],
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);

@@ -129,11 +129,11 @@ fn parse_tags(raw: &str) -> Result<Vec<String>, String> {
 /// "30 days", "12 hours", "45 minutes", "10 seconds".
 fn human_duration(d: Duration) -> String {
     let s = d.as_secs();
-    let (n, unit) = if s >= 86_400 && s % 86_400 == 0 {
+    let (n, unit) = if s >= 86_400 && s.is_multiple_of(86_400) {
         (s / 86_400, "day")
-    } else if s >= 3600 && s % 3600 == 0 {
+    } else if s >= 3600 && s.is_multiple_of(3600) {
         (s / 3600, "hour")
-    } else if s >= 60 && s % 60 == 0 {
+    } else if s >= 60 && s.is_multiple_of(60) {
         (s / 60, "minute")
     } else {
         (s, "second")
@@ -221,10 +221,7 @@ async fn devices_page(
         .list_nodes(s.account().id)
         .await
         .map_err(store_failed));
-    let devices: Vec<ManagedDevice> = nodes
-        .iter()
-        .map(|n| managed(&st, s.account(), n))
-        .collect();
+    let devices: Vec<ManagedDevice> = nodes.iter().map(|n| managed(&st, s.account(), n)).collect();
     render(
         StatusCode::OK,
         &DevicesListPage {
@@ -713,7 +710,11 @@ async fn token_revoke(
         )
         .await;
     };
-    match st.store.revoke_token(s.account(), id, now(), &actor(&s)).await {
+    match st
+        .store
+        .revoke_token(s.account(), id, now(), &actor(&s))
+        .await
+    {
         Ok(()) => {
             tracing::info!(account = %s.account().name, token = id, actor = %actor(&s), "join token revoked");
             to("/tokens?done=revoked")
@@ -911,9 +912,7 @@ async fn access_render(st: &AppState, s: &Sess, status: StatusCode, x: AccessExt
     let keys = attempt!(crate::keys::list(&st.store, s.account().id)
         .await
         .map_err(store_failed));
-    let admins = attempt!(list_admins(st, s.account().id)
-        .await
-        .map_err(store_failed));
+    let admins = attempt!(list_admins(st, s.account().id).await.map_err(store_failed));
     render(
         status,
         &AccessPage {
@@ -969,12 +968,14 @@ struct KeyForm {
 async fn key_create(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let (s, f): (Sess, KeyForm) = attempt!(posted(&st, &headers, &body).await);
     let name = f.name.trim();
-    let again = |status: StatusCode, error: String| AccessExtra {
-        key_error: Some(error),
-        key_name: f.name.clone(),
-        ..AccessExtra::default()
-    }
-    .with_status(status);
+    let again = |status: StatusCode, error: String| {
+        AccessExtra {
+            key_error: Some(error),
+            key_name: f.name.clone(),
+            ..AccessExtra::default()
+        }
+        .with_status(status)
+    };
     if name.is_empty() {
         let (status, x) = again(
             StatusCode::BAD_REQUEST,
@@ -1048,12 +1049,14 @@ struct AdminForm {
 
 async fn admin_create(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let (s, f): (Sess, AdminForm) = attempt!(posted(&st, &headers, &body).await);
-    let again = |status: StatusCode, error: String| AccessExtra {
-        admin_error: Some(error),
-        admin_email: f.email.trim().to_string(),
-        ..AccessExtra::default()
-    }
-    .with_status(status);
+    let again = |status: StatusCode, error: String| {
+        AccessExtra {
+            admin_error: Some(error),
+            admin_email: f.email.trim().to_string(),
+            ..AccessExtra::default()
+        }
+        .with_status(status)
+    };
     let checked = normalize_email(&f.email).and_then(|e| check_password(&f.password).map(|()| e));
     let email = match checked {
         Ok(e) => e,
