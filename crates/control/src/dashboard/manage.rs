@@ -633,11 +633,15 @@ async fn tokens_page(
 async fn token_create(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let (s, f): (Sess, TokenForm) = attempt!(posted(&st, &headers, &body).await);
     let Some(&(_, _, ttl)) = TTLS.iter().find(|(v, _, _)| *v == f.ttl) else {
+        let kept = TokenForm {
+            ttl: TokenForm::fresh().ttl,
+            ..f
+        };
         return tokens_render(
             &st,
             &s,
             StatusCode::BAD_REQUEST,
-            &TokenForm::fresh(),
+            &kept,
             None,
             None,
             Some("Pick how long the token works: 1 hour, 24 hours or 7 days.".into()),
@@ -1087,8 +1091,12 @@ async fn admin_create(State(st): State<AppState>, headers: HeaderMap, body: Byte
             to("/access?done=admin-added")
         }
         Err(e) => {
+            let status = match e {
+                StoreError::Conflict(_) => StatusCode::CONFLICT,
+                _ => StatusCode::BAD_REQUEST,
+            };
             let m = attempt!(readable(e));
-            let (status, x) = again(StatusCode::CONFLICT, capitalize(&m));
+            let (status, x) = again(status, capitalize(&m));
             access_render(&st, &s, status, x).await
         }
     }
