@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod db;
 pub mod install;
+mod observe;
 mod pages;
 
 use std::collections::HashMap;
@@ -79,6 +80,7 @@ pub fn router() -> Router<AppState> {
         .route("/setup/test", get(test_page).post(test_submit))
         .route("/setup/done", get(done_page))
         .route("/dash/api/nodes", get(api_nodes))
+        .merge(observe::routes())
         .route("/install.sh", get(install::script))
         .route("/download/trellis", get(install::download))
         .route("/assets/dash.css", get(css))
