@@ -579,7 +579,7 @@ fn params(uri: &Uri) -> Result<FlowParams, ApiErr> {
 }
 
 impl FlowParams {
-    fn filter(&self, now_ms: i64) -> Result<FlowFilter, ApiErr> {
+    pub(crate) fn filter(&self, now_ms: i64) -> Result<FlowFilter, ApiErr> {
         let nonempty = |o: &Option<String>| o.as_ref().filter(|s| !s.is_empty()).cloned();
         let since_ms = nonempty(&self.since)
             .map(|s| parse_time("since", &s, now_ms))
@@ -633,7 +633,7 @@ impl FlowParams {
         }
     }
 
-    fn before_id(&self) -> Result<Option<i64>, ApiErr> {
+    pub(crate) fn before_id(&self) -> Result<Option<i64>, ApiErr> {
         match self.before_id.as_deref().filter(|s| !s.is_empty()) {
             None => Ok(None),
             Some(s) => match s.parse::<i64>() {
@@ -789,14 +789,26 @@ pub async fn stream_flows(
     p.before_id()?;
     // Subscribed before the response starts: every record stored after the
     // client sees the response headers reaches it.
+    Ok(Sse::new(live_events(&st, admin.account.id, filter))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// The SSE events of the account's newly stored records matching `filter`
+/// (subscribed now); ends when the server shuts down.
+pub(crate) fn live_events(
+    st: &AppState,
+    account_id: i64,
+    filter: FlowFilter,
+) -> impl futures_util::Stream<Item = Result<Event, Infallible>> + Send + 'static {
     let live = Live {
         rx: st.flows.subscribe(),
         shutdown: st.hub.shutdown_signal(),
         pending: VecDeque::new(),
-        account_id: admin.account.id,
+        account_id,
         filter,
     };
-    let events = futures_util::stream::unfold(live, |mut l| async move {
+    futures_util::stream::unfold(live, |mut l| async move {
         loop {
             if let Some(e) = l.pending.pop_front() {
                 return Some((Ok::<_, Infallible>(e), l));
@@ -832,10 +844,7 @@ pub async fn stream_flows(
                 }
             }
         }
-    });
-    Ok(Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    })
 }
 
 struct Live {

@@ -310,7 +310,7 @@ fn rejected(intro: &str, errors: Vec<PolicyError>) -> PolicyErr {
     PolicyErr::Rejected(PolicyRejected { error, errors })
 }
 
-fn validate(text: &str, intro: &str) -> Result<Policy, PolicyErr> {
+pub(crate) fn validate(text: &str, intro: &str) -> Result<Policy, PolicyErr> {
     if text.len() > MAX_POLICY_BYTES {
         return Err(ApiErr::new(
             StatusCode::BAD_REQUEST,
@@ -334,7 +334,7 @@ fn policy_info(p: StoredPolicy) -> PolicyInfo {
 }
 
 /// Validates, stores and announces a text; the answer of PUT and restore.
-async fn apply(
+pub(crate) async fn apply(
     st: &AppState,
     admin: &Admin,
     policy: &Policy,
@@ -440,6 +440,17 @@ pub async fn restore_policy(
     admin: Admin,
     ApiJson(req): ApiJson<RestorePolicyRequest>,
 ) -> Result<Json<SetPolicyResponse>, PolicyErr> {
+    Ok(Json(restore(&st, &admin, req.version).await?))
+}
+
+/// Stores the text of version `version` as a new version (the restore of the
+/// API and the dashboard).
+pub(crate) async fn restore(
+    st: &AppState,
+    admin: &Admin,
+    version: i64,
+) -> Result<SetPolicyResponse, PolicyErr> {
+    let req = RestorePolicyRequest { version };
     let old = st
         .store
         .policy_version(admin.account.id, req.version)
@@ -457,9 +468,7 @@ pub async fn restore_policy(
         &old.text,
         &format!("policy version {} no longer validates", req.version),
     )?;
-    Ok(Json(
-        apply(&st, &admin, &policy, &old.text, Some(req.version)).await?,
-    ))
+    Ok(apply(st, admin, &policy, &old.text, Some(req.version)).await?)
 }
 
 /// `tcp:5432`, `udp:53`, `icmp` → (protocol, port).
@@ -541,13 +550,23 @@ pub async fn test_policy(
     admin: Admin,
     ApiJson(req): ApiJson<PolicyTestRequest>,
 ) -> Result<Json<PolicyTestResponse>, ApiErr> {
+    Ok(Json(decide(&st, &admin.account, &req).await?))
+}
+
+/// Whether the policy in force lets `req.from` reach `req.to` on `req.port`
+/// (the policy test of the API and the dashboard).
+pub(crate) async fn decide(
+    st: &AppState,
+    account: &Account,
+    req: &PolicyTestRequest,
+) -> Result<PolicyTestResponse, ApiErr> {
     let (proto, port) =
         parse_probe_port(&req.port).map_err(|e| ApiErr::new(StatusCode::BAD_REQUEST, e))?;
-    let nodes = st.store.list_nodes(admin.account.id).await?;
+    let nodes = st.store.list_nodes(account.id).await?;
     let dir = directory_of(&nodes);
-    let from_ip = probe_addr(&dir, &admin.account, &req.from, true)?;
-    let to_ip = probe_addr(&dir, &admin.account, &req.to, false)?;
-    let (version, spec) = effective_filter(&st.store, &admin.account, &nodes)
+    let from_ip = probe_addr(&dir, account, &req.from, true)?;
+    let to_ip = probe_addr(&dir, account, &req.to, false)?;
+    let (version, spec) = effective_filter(&st.store, account, &nodes)
         .await?
         .ok_or_else(|| {
             ApiErr::new(
@@ -557,13 +576,13 @@ pub async fn test_policy(
         })?;
     let filter = Filter::compile(&spec);
     let decision = filter.decide(from_ip, to_ip, proto, port);
-    Ok(Json(PolicyTestResponse {
+    Ok(PolicyTestResponse {
         allow: decision.allow,
         rule: decision.rule.map(|i| filter.rule_name(i).to_string()),
         version,
         from_ip,
         to_ip,
-    }))
+    })
 }
 
 #[cfg(test)]

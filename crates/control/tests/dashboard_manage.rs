@@ -470,8 +470,8 @@ async fn devices_are_renamed_tagged_disabled_and_deleted() {
         assert!(
             entries
                 .iter()
-                .any(|e| e["action"] == act && e["actor"] == format!("admin:{EMAIL}")),
-            "{act} by admin:{EMAIL} missing from {audit}"
+                .any(|e| e["action"] == act && e["actor"] == format!("dashboard:{EMAIL}")),
+            "{act} by dashboard:{EMAIL} missing from {audit}"
         );
     }
     r.stop().await;

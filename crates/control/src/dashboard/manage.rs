@@ -69,8 +69,9 @@ macro_rules! attempt {
 }
 
 /// Who acts, for the audit log.
+/// The audit log's name for the signed-in admin (the same as the wizard's).
 fn actor(s: &Sess) -> String {
-    format!("admin:{}", s.row.admin.email)
+    s.actor()
 }
 
 /// The session, the CSRF check and the parsed form of a POST.

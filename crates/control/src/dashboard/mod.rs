@@ -13,6 +13,7 @@ pub mod auth;
 pub mod db;
 pub mod install;
 mod manage;
+mod observe;
 mod pages;
 
 use std::collections::HashMap;
@@ -80,6 +81,7 @@ pub fn router() -> Router<AppState> {
         .route("/setup/test", get(test_page).post(test_submit))
         .route("/setup/done", get(done_page))
         .route("/dash/api/nodes", get(api_nodes))
+        .merge(observe::routes())
         .route("/install.sh", get(install::script))
         .route("/download/trellis", get(install::download))
         .route("/assets/dash.css", get(css))

@@ -47,18 +47,15 @@ function deviceRow(d) {
   return tr;
 }
 
-// Live lists: #devices (wizard) and #device-table (overview) poll the JSON endpoint every second.
+// Live lists: #devices (wizard) and #device-table (overview) follow the
+// Server-Sent Events of /dash/api/events; without them (or when the stream
+// fails for good) they poll the JSON endpoint every second.
 const list = document.getElementById("devices");
 const table = document.getElementById("device-table");
 const live = list || table;
 if (live) {
   let last = "";
-  const tick = async () => {
-    try {
-      const r = await fetch(live.dataset.live, { credentials: "same-origin", headers: { Accept: "application/json" } });
-      if (r.status === 401) { window.location = "/login"; return; }
-      if (!r.ok) return;
-      const data = await r.json();
+  const show = (data) => {
       const key = JSON.stringify(data.devices);
       if (key !== last) {
         last = key;
@@ -77,10 +74,24 @@ if (live) {
       if (total) total.textContent = data.total;
       const next = document.getElementById("next");
       if (next && next.dataset.readyText) next.textContent = data.online >= 2 ? next.dataset.readyText : next.dataset.waitText;
+  };
+  const tick = async () => {
+    try {
+      const r = await fetch(live.dataset.live, { credentials: "same-origin", headers: { Accept: "application/json" } });
+      if (r.status === 401) { window.location = "/login"; return; }
+      if (!r.ok) return;
+      show(await r.json());
     } catch (_) { /* the server may be restarting: try again next second */ }
   };
-  setInterval(tick, 1000);
-  tick();
+  let timer = null;
+  const poll = () => { if (timer === null) { timer = setInterval(tick, 1000); tick(); } };
+  if (window.EventSource) {
+    const es = new EventSource("/dash/api/events");
+    es.addEventListener("nodes", (ev) => { try { show(JSON.parse(ev.data)); } catch (_) { /* ignore a bad event */ } });
+    es.onerror = () => { if (es.readyState === EventSource.CLOSED) poll(); };
+  } else {
+    poll();
+  }
 }
 
 // The connection test: post the form in the background and show the sentence.
@@ -156,4 +167,34 @@ if (manageTable) {
     } catch (_) { /* the server may be restarting: try again next second */ }
   };
   setInterval(tick, 1000);
+// ---- Policy, Logs, Audit pages and the live overview (observe_*) ----
+
+// Live flow tail: #flows[data-stream] gets new records from Server-Sent Events.
+const flows = document.querySelector("table#flows[data-stream]");
+if (flows && window.EventSource) {
+  const status = document.getElementById("live-status");
+  const fmtTime = (ms) => new Date(ms).toISOString().replace(/\.\d+Z$/, "Z");
+  const end = (ip, port, node, proto) => {
+    const addr = port === 0 || proto === "icmp" ? ip : ip + ":" + port;
+    return node ? node + " " + addr : addr;
+  };
+  const es = new EventSource(flows.dataset.stream);
+  es.onopen = () => { if (status) status.textContent = "Live: new records appear at the top."; };
+  es.onerror = () => { if (status) status.textContent = "Live updates paused; retrying…"; };
+  es.addEventListener("lagged", () => { if (status) status.textContent = "Some records were too many to show live; reload to see them all."; });
+  es.onmessage = (ev) => {
+    let r;
+    try { r = JSON.parse(ev.data); } catch (_) { return; }
+    if (flows.tBodies[0].querySelector('tr[data-id="' + r.id + '"]')) return;
+    const tr = el("tr", { class: "flow new", "data-id": String(r.id), "data-decision": r.decision });
+    tr.append(el("td", {}, fmtTime(r.end_ms)), el("td", {}, r.node),
+      el("td", {}, end(r.src_ip, r.src_port, r.src_node, r.proto) + " → " + end(r.dst_ip, r.dst_port, r.dst_node, r.proto)),
+      el("td", {}, r.proto), el("td", {}, r.via ? r.path + " via " + r.via : r.path),
+      el("td", {}, r.decision + (r.rule ? " (" + r.rule + ")" : "")),
+      el("td", {}, r.bytes_out + " / " + r.bytes_in), el("td", {}, r.end_reason));
+    flows.tBodies[0].prepend(tr);
+    const none = document.getElementById("no-flows");
+    if (none) none.remove();
+    while (flows.tBodies[0].rows.length > 500) flows.tBodies[0].lastElementChild.remove();
+  };
 }
