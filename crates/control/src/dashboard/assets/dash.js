@@ -131,6 +131,39 @@ if (testForm) {
   });
 }
 
+// ---- Policy, Logs, Audit pages and the live overview (observe_*) ----
+
+// Live flow tail: #flows[data-stream] gets new records from Server-Sent Events.
+const flows = document.querySelector("table#flows[data-stream]");
+if (flows && window.EventSource) {
+  const status = document.getElementById("live-status");
+  const fmtTime = (ms) => new Date(ms).toISOString().replace(/\.\d+Z$/, "Z");
+  const end = (ip, port, node, proto) => {
+    const addr = port === 0 || proto === "icmp" ? ip : ip + ":" + port;
+    return node ? node + " " + addr : addr;
+  };
+  const es = new EventSource(flows.dataset.stream);
+  es.onopen = () => { if (status) status.textContent = "Live: new records appear at the top."; };
+  es.onerror = () => { if (status) status.textContent = "Live updates paused; retrying…"; };
+  es.addEventListener("lagged", () => { if (status) status.textContent = "Some records were too many to show live; reload to see them all."; });
+  es.onmessage = (ev) => {
+    let r;
+    try { r = JSON.parse(ev.data); } catch (_) { return; }
+    if (flows.tBodies[0].querySelector('tr[data-id="' + r.id + '"]')) return;
+    const tr = el("tr", { class: "flow new", "data-id": String(r.id), "data-decision": r.decision });
+    tr.append(el("td", {}, fmtTime(r.end_ms)), el("td", {}, r.node),
+      el("td", {}, end(r.src_ip, r.src_port, r.src_node, r.proto) + " → " + end(r.dst_ip, r.dst_port, r.dst_node, r.proto)),
+      el("td", {}, r.proto), el("td", {}, r.via ? r.path + " via " + r.via : r.path),
+      el("td", {}, r.decision + (r.rule ? " (" + r.rule + ")" : "")),
+      el("td", {}, r.bytes_out + " / " + r.bytes_in), el("td", {}, r.end_reason));
+    flows.tBodies[0].prepend(tr);
+    const none = document.getElementById("no-flows");
+    if (none) none.remove();
+    while (flows.tBodies[0].rows.length > 500) flows.tBodies[0].lastElementChild.remove();
+  };
+}
+
+
 // Pages: devices (dashboard/manage.rs). The devices table keeps its action
 // forms; status, last seen, OS, version and tags are updated in place every
 // second, and a note asks for a reload when devices were added or removed.
@@ -167,34 +200,4 @@ if (manageTable) {
     } catch (_) { /* the server may be restarting: try again next second */ }
   };
   setInterval(tick, 1000);
-// ---- Policy, Logs, Audit pages and the live overview (observe_*) ----
-
-// Live flow tail: #flows[data-stream] gets new records from Server-Sent Events.
-const flows = document.querySelector("table#flows[data-stream]");
-if (flows && window.EventSource) {
-  const status = document.getElementById("live-status");
-  const fmtTime = (ms) => new Date(ms).toISOString().replace(/\.\d+Z$/, "Z");
-  const end = (ip, port, node, proto) => {
-    const addr = port === 0 || proto === "icmp" ? ip : ip + ":" + port;
-    return node ? node + " " + addr : addr;
-  };
-  const es = new EventSource(flows.dataset.stream);
-  es.onopen = () => { if (status) status.textContent = "Live: new records appear at the top."; };
-  es.onerror = () => { if (status) status.textContent = "Live updates paused; retrying…"; };
-  es.addEventListener("lagged", () => { if (status) status.textContent = "Some records were too many to show live; reload to see them all."; });
-  es.onmessage = (ev) => {
-    let r;
-    try { r = JSON.parse(ev.data); } catch (_) { return; }
-    if (flows.tBodies[0].querySelector('tr[data-id="' + r.id + '"]')) return;
-    const tr = el("tr", { class: "flow new", "data-id": String(r.id), "data-decision": r.decision });
-    tr.append(el("td", {}, fmtTime(r.end_ms)), el("td", {}, r.node),
-      el("td", {}, end(r.src_ip, r.src_port, r.src_node, r.proto) + " → " + end(r.dst_ip, r.dst_port, r.dst_node, r.proto)),
-      el("td", {}, r.proto), el("td", {}, r.via ? r.path + " via " + r.via : r.path),
-      el("td", {}, r.decision + (r.rule ? " (" + r.rule + ")" : "")),
-      el("td", {}, r.bytes_out + " / " + r.bytes_in), el("td", {}, r.end_reason));
-    flows.tBodies[0].prepend(tr);
-    const none = document.getElementById("no-flows");
-    if (none) none.remove();
-    while (flows.tBodies[0].rows.length > 500) flows.tBodies[0].lastElementChild.remove();
-  };
 }
