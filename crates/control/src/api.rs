@@ -748,6 +748,7 @@ impl Modify for BearerAuth {
     paths(health, openapi_json, create_account, list_accounts, create_token, list_nodes,
         delete_node, rename_node, list_routes, approve_route, list_dns, add_dns, delete_dns,
         enroll, node_stream, relay_ws, crate::flows::list_flows, crate::flows::stream_flows,
+        crate::flows::traffic,
         crate::tokens::list_tokens, crate::tokens::revoke_token, crate::tokens::set_node_tags,
         crate::tokens::disable_node, crate::tokens::enable_node,
         crate::keys::list_keys, crate::keys::create_key, crate::keys::revoke_key,
@@ -757,7 +758,7 @@ impl Modify for BearerAuth {
     components(schemas(ApiError, AccountInfo, CreateAccountRequest, CreateAccountResponse,
         CreateTokenRequest, CreateTokenResponse, NodeInfo, EnrollRequest, EnrollResponse,
         RouteInfo, ApproveRouteRequest, DnsRecordInfo, RenameNodeRequest,
-        trellis_proto::FlowLogPage, trellis_proto::FlowLogRecord,
+        trellis_proto::FlowLogPage, trellis_proto::FlowLogRecord, trellis_proto::TrafficSummary,
         trellis_proto::TokenInfo, trellis_proto::SetTagsRequest, trellis_proto::PolicyInfo,
         trellis_proto::SetPolicyRequest, trellis_proto::SetPolicyResponse,
         trellis_proto::PolicyProblem, trellis_proto::PolicyRejected,
@@ -809,6 +810,7 @@ pub fn router(state: AppState) -> Router {
         .route("/relay", get(relay_ws))
         .route("/logs/flows", get(crate::flows::list_flows))
         .route("/logs/flows/stream", get(crate::flows::stream_flows))
+        .route("/logs/summary", get(crate::flows::traffic))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()

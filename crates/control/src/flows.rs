@@ -19,7 +19,9 @@ use serde::Deserialize;
 use sqlx::{FromRow, QueryBuilder, Sqlite};
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
-use trellis_proto::{validate_name, ApiError, FlowLogPage, FlowLogRecord, FlowRecord};
+use trellis_proto::{
+    validate_name, ApiError, FlowLogPage, FlowLogRecord, FlowRecord, TrafficSummary,
+};
 
 use crate::api::{Admin, ApiErr, AppState};
 use crate::store::{Node, Store, StoreError, StoreResult};
@@ -445,6 +447,32 @@ impl Store {
         }
         tx.commit().await?;
         Ok(Some(ids))
+    }
+
+    /// What the account's network carried since `since_ms`.
+    pub async fn traffic_summary(
+        &self,
+        account_id: i64,
+        since_ms: i64,
+    ) -> StoreResult<TrafficSummary> {
+        let (connections, bytes, denied): (i64, Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT \
+               COALESCE(SUM(CASE WHEN decision = 'allow' AND direction = 'out' THEN 1 ELSE 0 END), 0), \
+               SUM(CASE WHEN decision = 'allow' AND direction = 'out' THEN bytes_out + bytes_in ELSE 0 END), \
+               SUM(CASE WHEN decision = 'deny' THEN count ELSE 0 END) \
+             FROM flows WHERE account_id = ? AND end_ms >= ?",
+        )
+        .bind(account_id)
+        .bind(since_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        let u = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(TrafficSummary {
+            since_ms,
+            connections: u(connections),
+            bytes: u(bytes.unwrap_or(0)),
+            denied: u(denied.unwrap_or(0)),
+        })
     }
 
     /// The last flow batch stored for a node, if any.
@@ -932,4 +960,29 @@ mod tests {
             MAX_BATCH
         );
     }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SummaryParams {
+    since: Option<String>,
+}
+
+/// What the account's network carried: allowed connections (counted once),
+/// their bytes both ways, and denied attempts, since `since` (default 24h).
+#[utoipa::path(get, path = "/api/v1/logs/summary", tag = "logs",
+    params(("since" = Option<String>, Query, description = "A time ago (`10m`, `24h`, `7d`) or unix seconds; default 24h"),
+        ("account" = Option<String>, Query, description = "Account to act on (operator key only; default: the key's own)")),
+    security(("bearer" = [])),
+    responses((status = 200, body = TrafficSummary),
+        (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+pub async fn traffic(
+    State(st): State<AppState>,
+    admin: Admin,
+    Query(q): Query<SummaryParams>,
+) -> Result<Json<TrafficSummary>, ApiErr> {
+    let since = parse_time("since", q.since.as_deref().unwrap_or("24h"), now_ms())
+        .map_err(|e| ApiErr::new(StatusCode::BAD_REQUEST, e))?;
+    Ok(Json(
+        st.store.traffic_summary(admin.account.id, since).await?,
+    ))
 }

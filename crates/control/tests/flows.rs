@@ -731,3 +731,36 @@ async fn malformed_batches_are_dropped_and_the_stream_stays_usable() {
     assert!(!p.records[0].rule.contains('\u{1b}'));
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn traffic_summary_counts_each_connection_once_and_denied_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Running::start(dir.path()).await;
+    let admin = srv.admin.clone();
+    let token = srv.token(&admin).await;
+    let a = srv.enroll(&token, 1, "alpha").await;
+    let b = srv.enroll(&token, 2, "beta").await;
+    let t = now_ms();
+    // One connection a -> b seen from both ends, one older than a day, and
+    // denied attempts summarised with a count.
+    let mut inbound = flow(A, B, 443, "allow", t);
+    inbound.direction = "in".into();
+    let mut denied = flow(A, STRANGER, 22, "deny", t);
+    denied.count = 5;
+    let old = flow(A, B, 80, "allow", t - 2 * 24 * 3600 * 1000);
+    let mut wa = srv.connect(&a.node_secret).await;
+    send_batch(&mut wa, 1, vec![flow(A, B, 443, "allow", t), denied, old]).await;
+    let mut wb = srv.connect(&b.node_secret).await;
+    send_batch(&mut wb, 1, vec![inbound]).await;
+
+    let (status, v) = srv.get(&admin, "/logs/summary").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["connections"], 1, "{v}");
+    assert_eq!(v["bytes"], 1500 + 9000, "{v}");
+    assert_eq!(v["denied"], 5, "{v}");
+    let (_, v) = srv.get(&admin, "/logs/summary?since=7d").await;
+    assert_eq!(v["connections"], 2, "{v}");
+    let (status, v) = srv.get(&admin, "/logs/summary?since=yesterday").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    srv.stop().await;
+}

@@ -18,7 +18,7 @@ use utoipa::ToSchema;
 pub mod admin_policy;
 pub mod frames;
 pub mod logs;
-pub use logs::{FlowLogPage, FlowLogRecord};
+pub use logs::{FlowLogPage, FlowLogRecord, TrafficSummary};
 
 pub use admin_policy::*;
 

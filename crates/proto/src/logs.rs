@@ -62,3 +62,17 @@ pub struct FlowLogPage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_before_id: Option<i64>,
 }
+
+/// What an account's network carried over a period, from its flow records.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TrafficSummary {
+    /// Start of the period (unix milliseconds).
+    pub since_ms: i64,
+    /// Allowed connections that ended in the period (counted once, at the
+    /// end that opened them).
+    pub connections: u64,
+    /// Their bytes, both ways.
+    pub bytes: u64,
+    /// Denied attempts.
+    pub denied: u64,
+}

@@ -1025,9 +1025,15 @@ async fn home(State(st): State<AppState>, headers: HeaderMap) -> Response {
         Err(e) => return store_failed(e),
     };
     let acc = s.account();
+    let day_ago = crate::flows::now_ms() - 24 * 3600 * 1000;
+    let traffic = match st.store.traffic_summary(acc.id, day_ago).await {
+        Ok(t) => traffic_words(&t),
+        Err(e) => return store_failed(e),
+    };
     render(
         StatusCode::OK,
         &HomePage {
+            traffic,
             nav: s.nav("overview"),
             network: acc.name.clone(),
             cidr: acc.cidr.to_string(),
@@ -1035,6 +1041,32 @@ async fn home(State(st): State<AppState>, headers: HeaderMap) -> Response {
             online: list.iter().filter(|d| d.online).count(),
             devices: list,
         },
+    )
+}
+
+/// "12 connections, 3.4 MiB, 2 denied attempts".
+fn traffic_words(t: &trellis_proto::TrafficSummary) -> String {
+    let plural = |n: u64, one: &str, many: &str| {
+        if n == 1 {
+            format!("1 {one}")
+        } else {
+            format!("{n} {many}")
+        }
+    };
+    let b = t.bytes as f64;
+    let bytes = if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} GiB", b / (1024.0 * 1024.0 * 1024.0))
+    } else if b >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / (1024.0 * 1024.0))
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{} bytes", t.bytes)
+    };
+    format!(
+        "{}, {bytes}, {}",
+        plural(t.connections, "connection", "connections"),
+        plural(t.denied, "denied attempt", "denied attempts")
     )
 }
 

@@ -125,4 +125,6 @@ pub struct HomePage {
     pub domain: String,
     pub online: usize,
     pub devices: Vec<DeviceView>,
+    /// The last 24 hours, in words: connections, bytes, denied attempts.
+    pub traffic: String,
 }
