@@ -754,7 +754,7 @@ impl Modify for BearerAuth {
         crate::keys::list_keys, crate::keys::create_key, crate::keys::revoke_key,
         crate::policy::get_policy, crate::policy::put_policy, crate::policy::policy_history,
         crate::policy::restore_policy, crate::policy::test_policy, crate::audit::list_audit,
-        crate::probe::probe_node, crate::dashboard::create_admin),
+        crate::probe::probe_node, crate::dashboard::create_admin, crate::dashboard::list_admins),
     components(schemas(ApiError, AccountInfo, CreateAccountRequest, CreateAccountResponse,
         CreateTokenRequest, CreateTokenResponse, NodeInfo, EnrollRequest, EnrollResponse,
         RouteInfo, ApproveRouteRequest, DnsRecordInfo, RenameNodeRequest,
@@ -804,7 +804,10 @@ pub fn router(state: AppState) -> Router {
         .route("/policy/restore", post(crate::policy::restore_policy))
         .route("/policy/test", post(crate::policy::test_policy))
         .route("/audit", get(crate::audit::list_audit))
-        .route("/admins", post(crate::dashboard::create_admin))
+        .route(
+            "/admins",
+            get(crate::dashboard::list_admins).post(crate::dashboard::create_admin),
+        )
         .route("/enroll", post(enroll))
         .route("/node/stream", get(node_stream))
         .route("/relay", get(relay_ws))

@@ -439,6 +439,23 @@ async fn a_session_sees_only_its_own_accounts_devices() {
         )
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    // Each account lists its own admins only.
+    let (status, body) = r
+        .api(reqwest::Method::GET, "/admins?account=other", Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!([{"email": "bo@example.com", "account": "other"}])
+    );
+    let (_, body) = r.api(reqwest::Method::GET, "/admins", Value::Null).await;
+    assert!(
+        body.as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["account"] != "other"),
+        "{body}"
+    );
 
     // A device in the first admin's account.
     let (_, tok) = r

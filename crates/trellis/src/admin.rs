@@ -14,8 +14,8 @@ use trellis_proto::{
 };
 
 use crate::{
-    AccountCmd, AdminOpts, DnsCmd, FlowsArgs, KeysCmd, LogsCmd, NodesCmd, PolicyCmd, RoutesCmd,
-    TokenCmd,
+    AccountCmd, AdminOpts, AdminsCmd, DnsCmd, FlowsArgs, KeysCmd, LogsCmd, NodesCmd, PolicyCmd,
+    RoutesCmd, TokenCmd,
 };
 
 const DEFAULT_KEY_FILE: &str = "trellis-data/admin.key";
@@ -290,6 +290,43 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+pub async fn admins(opts: &AdminOpts, cmd: AdminsCmd) -> anyhow::Result<()> {
+    use trellis_control::dashboard::{AdminInfo, CreateAdminRequest};
+    let c = Client::new(opts)?;
+    match cmd {
+        AdminsCmd::Add { email } => {
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                eprintln!(
+                    "password for {email} (at least 10 characters; it is shown as you type):"
+                );
+            }
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\r', '\n']).to_string();
+            let a: AdminInfo = c
+                .post("/admins", &CreateAdminRequest { email, password })
+                .await?;
+            eprintln!(
+                "{} can now sign in to the dashboard of {}",
+                a.email, a.account
+            );
+        }
+        AdminsCmd::List { json } => {
+            let v: Vec<AdminInfo> = c.get("/admins").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            for a in v {
+                println!("{}", a.email);
+            }
+        }
+    }
+    Ok(())
 }
 
 pub async fn keys(opts: &AdminOpts, cmd: KeysCmd) -> anyhow::Result<()> {

@@ -127,6 +127,13 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminOpts,
     },
+    /// Dashboard admins of an account (email and password).
+    Admins {
+        #[command(subcommand)]
+        cmd: AdminsCmd,
+        #[command(flatten)]
+        admin: AdminOpts,
+    },
     /// API keys of an account: create more, list, revoke.
     Keys {
         #[command(subcommand)]
@@ -257,6 +264,18 @@ pub enum AccountCmd {
         cidr: Option<String>,
     },
     /// List accounts.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AdminsCmd {
+    /// Add a dashboard admin. The password is read from standard input
+    /// (one line; at least 10 characters), so it stays out of the shell history.
+    Add { email: String },
+    /// The account's dashboard admins.
     List {
         #[arg(long)]
         json: bool,
@@ -487,6 +506,7 @@ async fn main() -> ExitCode {
         Cmd::Account { cmd, admin } => admin::account(&admin, cmd).await,
         Cmd::Token { cmd, admin } => admin::token(&admin, cmd).await,
         Cmd::Keys { cmd, admin } => admin::keys(&admin, cmd).await,
+        Cmd::Admins { cmd, admin } => admin::admins(&admin, cmd).await,
         Cmd::Nodes { cmd, admin } => admin::nodes(&admin, cmd).await,
         Cmd::Routes { cmd, admin } => admin::routes(&admin, cmd).await,
         Cmd::Dns { cmd, admin } => admin::dns(&admin, cmd).await,

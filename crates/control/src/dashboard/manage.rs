@@ -894,7 +894,10 @@ pub struct AccessPage {
 }
 
 /// The dashboard admins of `account_id`: (email, created_at), oldest first.
-async fn list_admins(st: &AppState, account_id: i64) -> Result<Vec<(String, i64)>, StoreError> {
+pub(crate) async fn list_admins(
+    st: &AppState,
+    account_id: i64,
+) -> Result<Vec<(String, i64)>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT email, created_at FROM dashboard_admins WHERE account_id = ? ORDER BY id",
     )

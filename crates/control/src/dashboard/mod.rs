@@ -1079,7 +1079,7 @@ impl AppState {
 // ---- the API: dashboard admins ----
 
 /// Body of `POST /api/v1/admins`.
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateAdminRequest {
     /// The admin's email (their login name; unique on this server).
     pub email: String,
@@ -1088,10 +1088,31 @@ pub struct CreateAdminRequest {
 }
 
 /// An admin as the API shows it.
-#[derive(Serialize, utoipa::ToSchema)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AdminInfo {
     pub email: String,
     pub account: String,
+}
+
+/// Lists the account's dashboard admins (never their passwords).
+#[utoipa::path(get, path = "/api/v1/admins", tag = "accounts",
+    params(("account" = Option<String>, Query, description = "Account to act on (operator key only; default: the key's own)")),
+    security(("bearer" = [])),
+    responses((status = 200, body = Vec<AdminInfo>),
+        (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+pub async fn list_admins(
+    State(st): State<AppState>,
+    admin: Admin,
+) -> Result<Json<Vec<AdminInfo>>, ApiErr> {
+    let rows = manage::list_admins(&st, admin.account.id).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|(email, _)| AdminInfo {
+                email,
+                account: admin.account.name.clone(),
+            })
+            .collect(),
+    ))
 }
 
 /// Adds a dashboard admin (email and password) to the account.
