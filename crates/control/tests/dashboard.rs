@@ -737,6 +737,7 @@ async fn the_wizard_walks_its_steps_in_order_and_resumes() {
     assert!(page.contains("100.70.0.0/16"));
     assert_eq!(text_of(&page, "online-count"), "0");
     assert_eq!(text_of(&page, "total-count"), "2");
+    assert!(text_of(&page, "edge").starts_with("Health: "), "{page}");
     assert_eq!(
         text_of(&page, "traffic"),
         "Last 24 hours: 0 connections, 0 bytes, 0 denied attempts ("

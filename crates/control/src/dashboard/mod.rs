@@ -1033,6 +1033,7 @@ async fn home(State(st): State<AppState>, headers: HeaderMap) -> Response {
     render(
         StatusCode::OK,
         &HomePage {
+            edge: edge_words(&st),
             traffic,
             nav: s.nav("overview"),
             network: acc.name.clone(),
@@ -1042,6 +1043,20 @@ async fn home(State(st): State<AppState>, headers: HeaderMap) -> Response {
             devices: list,
         },
     )
+}
+
+/// The edge's health in words.
+fn edge_words(st: &AppState) -> String {
+    match &st.relay.udp {
+        None => "no edge on this server: nodes reach each other only directly".into(),
+        Some(addr) => {
+            let s = st.relay.hub.stats();
+            format!(
+                "edge up on {addr} (discovery and relay): {} registrations, {} packets relayed, {} kept apart by the policy",
+                s.registrations, s.relayed_packets, s.dropped_policy
+            )
+        }
+    }
 }
 
 /// "12 connections, 3.4 MiB, 2 denied attempts".

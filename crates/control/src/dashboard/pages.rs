@@ -127,4 +127,6 @@ pub struct HomePage {
     pub devices: Vec<DeviceView>,
     /// The last 24 hours, in words: connections, bytes, denied attempts.
     pub traffic: String,
+    /// The edge in words: where it listens and what it relayed.
+    pub edge: String,
 }
