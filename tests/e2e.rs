@@ -896,6 +896,28 @@ fn nodes_probe_reports_direct_path_and_clear_errors() {
         format!("unexpected probe JSON {v}"),
     );
 
+    // Each node reports its paths (every 5 s when they change): the list
+    // shows each with the other one at `direct`. (Its handshake age is what
+    // `trellis status` says, which may still be "none" here: not checked.)
+    let r = eventually(secs(15.0), || {
+        let list = lab.nodes_list(&net.srv, &net.key, None);
+        for (me, peer) in [("pa", "pb"), ("pb", "pa")] {
+            let n = list
+                .iter()
+                .find(|n| n["name"] == me)
+                .ok_or_else(|| format!("{me} missing from {list:?}"))?;
+            let p = n["peer_paths"]
+                .as_array()
+                .and_then(|a| a.iter().find(|p| p["name"] == peer))
+                .ok_or_else(|| format!("{me} reports no path to {peer}: {n}"))?;
+            if p["path"] != "direct" {
+                return Err(format!("{me} -> {peer} not direct yet: {p}"));
+            }
+        }
+        Ok(())
+    });
+    lab.check(r, "nodes list shows the direct paths both ways");
+
     // Unknown node, the same node twice: refused with a sentence, exit != 0.
     for (args, want) in [
         (
@@ -924,6 +946,13 @@ fn nodes_probe_reports_direct_path_and_clear_errors() {
                 .trim()
                 .starts_with("pa could not reach pb: pb is offline"),
         format!("probe to a stopped node:\n{}", out.describe()),
+    );
+    // Its report of paths went with its connection.
+    let list = lab.nodes_list(&net.srv, &net.key, None);
+    let pb = list.iter().find(|n| n["name"] == "pb");
+    lab.ensure(
+        pb.is_some_and(|n| n["online"] == false && n["peer_paths"] == serde_json::json!([])),
+        format!("a stopped node still shows paths: {pb:?}"),
     );
 
     // The asking node's agent stops: refused at once.

@@ -364,6 +364,11 @@ pub(crate) fn node_info(st: &AppState, account: &Account, n: &Node) -> NodeInfo 
         tags: n.tags.clone(),
         disabled: n.disabled,
         endpoints: endpoints(n),
+        peer_paths: if online {
+            st.hub.peer_paths(n.id)
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -756,7 +761,7 @@ impl Modify for BearerAuth {
         crate::policy::restore_policy, crate::policy::test_policy, crate::audit::list_audit,
         crate::probe::probe_node, crate::dashboard::create_admin, crate::dashboard::list_admins),
     components(schemas(ApiError, AccountInfo, CreateAccountRequest, CreateAccountResponse,
-        CreateTokenRequest, CreateTokenResponse, NodeInfo, EnrollRequest, EnrollResponse,
+        CreateTokenRequest, CreateTokenResponse, NodeInfo, trellis_proto::PeerPath, EnrollRequest, EnrollResponse,
         RouteInfo, ApproveRouteRequest, DnsRecordInfo, RenameNodeRequest,
         trellis_proto::FlowLogPage, trellis_proto::FlowLogRecord, trellis_proto::TrafficSummary,
         trellis_proto::TokenInfo, trellis_proto::SetTagsRequest, trellis_proto::PolicyInfo,

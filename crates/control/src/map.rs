@@ -8,7 +8,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use ipnet::Ipv4Net;
 use tokio::sync::{broadcast, mpsc, watch};
-use trellis_proto::{DnsConfig, FilterSpec, NetworkMap, NodeKey, Peer, SelfNode, ServerMessage};
+use trellis_proto::{
+    DnsConfig, FilterSpec, NetworkMap, NodeKey, Peer, PeerPath, SelfNode, ServerMessage,
+};
 
 use crate::mesh::{pick_primaries, ApprovedRoute};
 use crate::store::{overlay_space, Account, Node};
@@ -212,6 +214,9 @@ struct Conn {
     conn_id: u64,
     account_id: i64,
     control: mpsc::UnboundedSender<Control>,
+    /// The node's last report of its paths to its peers (in memory only: it
+    /// goes with the connection).
+    peer_paths: Vec<PeerPath>,
 }
 
 /// Registry of open control streams and the account-change fan-out.
@@ -322,6 +327,7 @@ impl Hub {
                 conn_id,
                 account_id,
                 control: tx,
+                peer_paths: Vec::new(),
             },
         );
         if let Some(old) = old {
@@ -353,6 +359,25 @@ impl Hub {
         self.lock()
             .get(&node_id)
             .is_some_and(|conn| conn.control.send(order).is_ok())
+    }
+
+    /// Keeps the paths `node_id` reported on connection `conn_id` (ignored if
+    /// that connection is no longer the node's current one).
+    pub fn set_peer_paths(&self, node_id: i64, conn_id: u64, paths: Vec<PeerPath>) {
+        if let Some(conn) = self.lock().get_mut(&node_id) {
+            if conn.conn_id == conn_id {
+                conn.peer_paths = paths;
+            }
+        }
+    }
+
+    /// The paths `node_id` last reported on its open connection; empty if it
+    /// is offline or has not reported yet.
+    pub fn peer_paths(&self, node_id: i64) -> Vec<PeerPath> {
+        self.lock()
+            .get(&node_id)
+            .map(|c| c.peer_paths.clone())
+            .unwrap_or_default()
     }
 
     pub fn is_online(&self, node_id: i64) -> bool {

@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{Instant, MissedTickBehavior};
-use trellis_proto::{NetworkMap, NodeMessage, ServerMessage};
+use trellis_proto::{NetworkMap, NodeMessage, PeerPath, ServerMessage};
 
 use crate::api::{now, AppState};
 use crate::map::{build_map, AccountView, Control, Sent};
@@ -105,6 +105,33 @@ fn hello_info(node: &str, msg: NodeMessage, observed: IpAddr) -> HelloInfo {
         os: os.chars().take(64).collect(),
         version: version.chars().take(64).collect(),
     }
+}
+
+/// At most this many peers of one node's report of its paths are accepted.
+pub const MAX_PEER_PATHS: usize = 1000;
+/// Longest peer name and path name kept from such a report.
+const MAX_PEER_PATH_FIELD: usize = 64;
+
+/// Checks and tidies a node's report of its paths: a report naming more
+/// than [`MAX_PEER_PATHS`] peers is refused whole (the last good one stays);
+/// over-long strings are cut, and sorted by peer name.
+fn peer_paths(mut peers: Vec<PeerPath>) -> Result<Vec<PeerPath>, String> {
+    if peers.len() > MAX_PEER_PATHS {
+        return Err(format!(
+            "{} peers, more than the {MAX_PEER_PATHS} accepted",
+            peers.len()
+        ));
+    }
+    for p in &mut peers {
+        if p.name.chars().count() > MAX_PEER_PATH_FIELD {
+            p.name = p.name.chars().take(MAX_PEER_PATH_FIELD).collect();
+        }
+        if p.path.chars().count() > MAX_PEER_PATH_FIELD {
+            p.path = p.path.chars().take(MAX_PEER_PATH_FIELD).collect();
+        }
+    }
+    peers.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(peers)
 }
 
 /// Everything the maps of `account_id` are made of, now; None if the account is gone.
@@ -214,6 +241,7 @@ async fn serve(
     let result = connected(
         state,
         node,
+        conn_id,
         observed,
         ws,
         &mut changes,
@@ -233,9 +261,11 @@ async fn serve(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn connected(
     state: &AppState,
     node: &Node,
+    conn_id: u64,
     observed: IpAddr,
     ws: &mut WebSocket,
     changes: &mut tokio::sync::broadcast::Receiver<i64>,
@@ -310,6 +340,12 @@ async fn connected(
                         Ok(NodeMessage::ProbeResult { id, ok, rtt_ms, path, error }) => {
                             state.hub.probes.complete(node.id, id, crate::probe::ProbeReply { ok, rtt_ms, path, error });
                         }
+                        Ok(NodeMessage::PeerPaths { peers }) => match peer_paths(peers) {
+                            Ok(paths) => state.hub.set_peer_paths(node.id, conn_id, paths),
+                            Err(e) => {
+                                tracing::warn!(node = %node.name, error = %e, "ignoring a report of peer paths");
+                            }
+                        },
                         Err(e) => {
                             tracing::warn!(node = %node.name, error = %e, "ignoring a malformed message");
                         }
@@ -389,5 +425,36 @@ async fn connected(
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(name: &str, path: &str) -> PeerPath {
+        PeerPath {
+            name: name.into(),
+            path: path.into(),
+            last_handshake_secs: None,
+        }
+    }
+
+    #[test]
+    fn peer_path_reports_are_capped_cut_and_sorted() {
+        let many = |n: usize| (0..n).map(|i| p(&format!("p{i}"), "direct")).collect();
+        assert!(peer_paths(many(MAX_PEER_PATHS + 1)).is_err());
+        assert_eq!(
+            peer_paths(many(MAX_PEER_PATHS)).unwrap().len(),
+            MAX_PEER_PATHS
+        );
+        let out = peer_paths(vec![
+            p("b", "direct"),
+            p(&"é".repeat(100), &"x".repeat(100)),
+        ])
+        .unwrap();
+        assert_eq!(out[0].name, "b");
+        assert_eq!(out[1].name.chars().count(), MAX_PEER_PATH_FIELD);
+        assert_eq!(out[1].path.len(), MAX_PEER_PATH_FIELD);
     }
 }

@@ -935,3 +935,96 @@ async fn another_accounts_admin_can_neither_see_nor_change() {
     assert_eq!(status, StatusCode::OK);
     r.stop().await;
 }
+
+#[tokio::test]
+async fn device_page_shows_paths_to_peers() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    use trellis_proto::{NodeMessage, PeerPath};
+
+    let dir = tempfile::tempdir().unwrap();
+    let r = Running::start(dir.path()).await;
+    let a = r.setup_admin().await;
+    let tok = r.token(None).await;
+    let laptop = r.enroll(&tok, 1, "laptop").await;
+    for (key, name) in [(2, "db"), (3, "nas"), (4, "phone"), (5, "printer")] {
+        r.enroll(&tok, key, name).await;
+    }
+
+    // Offline: no table, a sentence.
+    let (status, page) = a.get(&r.at("/devices/laptop")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("<h2>Paths to peers</h2>"), "{page}");
+    assert!(text_of(&page, "paths-none").contains("offline"), "{page}");
+    assert!(!page.contains(r#"id="peer-paths""#), "{page}");
+
+    // A fake laptop connects and reports its paths.
+    let url = format!(
+        "{}/api/v1/node/stream",
+        r.url.replacen("http://", "ws://", 1)
+    );
+    let mut req = url.into_client_request().unwrap();
+    let secret = laptop["node_secret"].as_str().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {secret}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let path = |name: &str, path: &str, hs: Option<u64>| PeerPath {
+        name: name.into(),
+        path: path.into(),
+        last_handshake_secs: hs,
+    };
+    for m in [
+        NodeMessage::Hello {
+            listen_port: 41641,
+            local_addrs: vec!["198.18.0.9".parse().unwrap()],
+            reflexive: None,
+            advertise_routes: Vec::new(),
+            os: "linux".into(),
+            version: "test".into(),
+        },
+        NodeMessage::PeerPaths {
+            peers: vec![
+                path("db", "direct", Some(4)),
+                path("nas", "relay-udp", Some(70)),
+                path("phone", "relay-tcp", Some(3)),
+                path("printer", "none", None),
+            ],
+        },
+    ] {
+        ws.send(Message::Text(serde_json::to_string(&m).unwrap().into()))
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let page = loop {
+        let (_, page) = a.get(&r.at("/devices/laptop")).await;
+        if page.contains(r#"id="peer-paths""#) {
+            break page;
+        }
+        assert!(std::time::Instant::now() < deadline, "{page}");
+        // Keep reading (pings) while waiting.
+        let _ = tokio::time::timeout(Duration::from_millis(20), ws.next()).await;
+    };
+    for (peer, kind, words, hs) in [
+        ("db", "direct", "direct", "4 s ago"),
+        ("nas", "relay-udp", "through the relay (UDP)", "1 min ago"),
+        ("phone", "relay-tcp", "through the relay (TCP)", "3 s ago"),
+        ("printer", "none", "no connection yet", "never"),
+    ] {
+        let row = format!(r#"<tr class="peer-path" data-peer="{peer}" data-path="{kind}">"#);
+        let at = page
+            .find(&row)
+            .unwrap_or_else(|| panic!("no row {row} in {page}"));
+        let rest = &page[at..at + page[at..].find("</tr>").unwrap()];
+        assert!(
+            rest.contains(&format!("<td>{words}</td><td>{hs}</td>")),
+            "{rest}"
+        );
+    }
+    // The existing parts of the page are still there.
+    assert!(page.contains(r#"id="rename""#) && page.contains(r#"id="tags""#));
+
+    drop(ws);
+    r.stop().await;
+}

@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use trellis_io::{DataPlane, DataPlaneConfig};
 use trellis_proto::{
     ApiError, EnrollRequest, EnrollResponse, FlowRecord, NetworkMap, NodeKey, NodeMessage, Peer,
-    ServerMessage, DEFAULT_MTU,
+    PeerPath, ServerMessage, DEFAULT_MTU,
 };
 use trellis_tunnel::{PeerConfig, PublicKey, RelayStatus, StaticSecret, Tunnel};
 
@@ -42,6 +42,9 @@ const RECONNECT_MAX: Duration = Duration::from_secs(3);
 /// How often the agent looks for a change of its own addresses (roaming) and
 /// of its reflexive address.
 const LOCAL_ADDR_CHECK: Duration = Duration::from_secs(1);
+/// How often the paths to peers are looked at; a report goes to the control
+/// plane when they changed since the last one sent on this connection.
+const PEER_PATHS_CHECK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct JoinOptions {
@@ -664,6 +667,26 @@ pub struct Status {
     pub flow_batches_pending: u64,
 }
 
+impl Agent {
+    /// The path in use to each peer now, sorted by name (what
+    /// [`NodeMessage::PeerPaths`] reports).
+    fn peer_paths(&self) -> Vec<PeerPath> {
+        let mut out: Vec<PeerPath> = self
+            .dp
+            .tunnel()
+            .status(Instant::now())
+            .into_iter()
+            .map(|p| PeerPath {
+                name: p.name,
+                path: p.path.map(|x| x.kind()).unwrap_or("none").to_string(),
+                last_handshake_secs: p.stats.since_last_handshake.map(|d| d.as_secs()),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct PeerStatusJson {
     pub name: String,
@@ -788,6 +811,10 @@ async fn stream_once(
     send_flows(agent, outbox, &mut tx).await?;
     let mut check = tokio::time::interval(LOCAL_ADDR_CHECK);
     check.tick().await;
+    // Fires at once: the first report goes right after connecting.
+    let mut paths_check = tokio::time::interval(PEER_PATHS_CHECK);
+    paths_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut paths_sent: Option<Vec<PeerPath>> = None;
     // Answers to connection tests, which run beside the stream.
     let (probe_tx, mut probe_rx) = tokio::sync::mpsc::unbounded_channel::<NodeMessage>();
     loop {
@@ -846,6 +873,14 @@ async fn stream_once(
                     Message::Ping(p) => tx.send(Message::Pong(p)).await?,
                     Message::Close(_) => bail!("the control plane closed the stream"),
                     _ => {}
+                }
+            }
+            _ = paths_check.tick() => {
+                let paths = agent.peer_paths();
+                if paths_sent.as_ref() != Some(&paths) {
+                    let m = NodeMessage::PeerPaths { peers: paths.clone() };
+                    tx.send(Message::Text(serde_json::to_string(&m)?.into())).await?;
+                    paths_sent = Some(paths);
                 }
             }
             _ = check.tick() => {

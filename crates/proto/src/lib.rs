@@ -206,6 +206,22 @@ pub struct NodeInfo {
     /// Underlay endpoints the node was last seen on.
     #[schema(value_type = Vec<String>)]
     pub endpoints: Vec<SocketAddr>,
+    /// The path this node uses to each of its peers, as it last reported it
+    /// (empty while it is offline or has not reported yet).
+    #[serde(default)]
+    pub peer_paths: Vec<PeerPath>,
+}
+
+/// How a node reaches one peer, as the node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PeerPath {
+    /// The peer's node name.
+    pub name: String,
+    /// `direct`, `relay-udp`, `relay-tcp`, or `none` (no path yet).
+    pub path: String,
+    /// Seconds since the last WireGuard handshake with this peer; absent if none yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handshake_secs: Option<u64>,
 }
 
 /// A subnet a node advertises, and whether it is routed.
@@ -327,6 +343,12 @@ pub enum NodeMessage {
         /// Why the target could not be reached.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+    },
+    /// The path in use to each peer; sent after connecting and whenever it
+    /// changes (checked every few seconds).
+    PeerPaths {
+        #[serde(default)]
+        peers: Vec<PeerPath>,
     },
 }
 

@@ -179,6 +179,36 @@ pub struct ManagedDevice {
     pub tags: String,
     pub disabled: bool,
     pub created: String,
+    /// The device's last report of its path to each peer (online devices only).
+    pub paths: Vec<PathRow>,
+}
+
+/// One row of a device's "Paths to peers" table.
+pub struct PathRow {
+    pub peer: String,
+    /// The raw path kind: direct, relay-udp, relay-tcp or none.
+    pub kind: String,
+    /// The path in plain words.
+    pub path: String,
+    pub last_handshake: String,
+}
+
+/// A path kind as a node reports it, in plain words.
+fn path_words(kind: &str) -> String {
+    match kind {
+        "direct" => "direct".to_string(),
+        "relay-udp" => "through the relay (UDP)".to_string(),
+        "relay-tcp" => "through the relay (TCP)".to_string(),
+        "none" | "" => "no connection yet".to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn handshake_words(secs: Option<u64>) -> String {
+    match secs {
+        None => "never".to_string(),
+        Some(s) => super::ago(s.min(i64::MAX as u64) as i64, 0),
+    }
 }
 
 fn managed(st: &AppState, account: &Account, n: &Node) -> ManagedDevice {
@@ -198,6 +228,16 @@ fn managed(st: &AppState, account: &Account, n: &Node) -> ManagedDevice {
         tags: info.tags.join(", "),
         disabled: info.disabled,
         created: rfc3339(info.created_at),
+        paths: info
+            .peer_paths
+            .iter()
+            .map(|p| PathRow {
+                peer: p.name.clone(),
+                kind: p.path.clone(),
+                path: path_words(&p.path),
+                last_handshake: handshake_words(p.last_handshake_secs),
+            })
+            .collect(),
     }
 }
 
