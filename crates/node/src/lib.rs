@@ -45,6 +45,8 @@ const LOCAL_ADDR_CHECK: Duration = Duration::from_secs(1);
 /// How often the paths to peers are looked at; a report goes to the control
 /// plane when they changed since the last one sent on this connection.
 const PEER_PATHS_CHECK: Duration = Duration::from_secs(5);
+/// A node re-sends its paths this often even when none changed (ages move).
+const PEER_PATHS_REFRESH: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct JoinOptions {
@@ -814,7 +816,7 @@ async fn stream_once(
     // Fires at once: the first report goes right after connecting.
     let mut paths_check = tokio::time::interval(PEER_PATHS_CHECK);
     paths_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut paths_sent: Option<Vec<PeerPath>> = None;
+    let mut paths_sent: Option<(Vec<PeerPath>, Instant)> = None;
     // Answers to connection tests, which run beside the stream.
     let (probe_tx, mut probe_rx) = tokio::sync::mpsc::unbounded_channel::<NodeMessage>();
     loop {
@@ -876,11 +878,20 @@ async fn stream_once(
                 }
             }
             _ = paths_check.tick() => {
+                // Sent when a peer or its path changed, and at least once a
+                // minute (the handshake ages move every second; they alone
+                // are not worth a message every 5 s from every node).
                 let paths = agent.peer_paths();
-                if paths_sent.as_ref() != Some(&paths) {
+                let shape = |v: &[PeerPath]| {
+                    v.iter().map(|p| (p.name.clone(), p.path.clone())).collect::<Vec<_>>()
+                };
+                let due = paths_sent.as_ref().is_none_or(|(sent, at)| {
+                    shape(sent) != shape(&paths) || at.elapsed() >= PEER_PATHS_REFRESH
+                });
+                if due {
                     let m = NodeMessage::PeerPaths { peers: paths.clone() };
                     tx.send(Message::Text(serde_json::to_string(&m)?.into())).await?;
-                    paths_sent = Some(paths);
+                    paths_sent = Some((paths, Instant::now()));
                 }
             }
             _ = check.tick() => {
