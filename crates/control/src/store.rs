@@ -947,22 +947,7 @@ impl Store {
         actor: &str,
     ) -> StoreResult<Node> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let row: Option<NodeRow> = sqlx::query_as(&format!(
-            "SELECT {NODE_COLUMNS} FROM nodes WHERE account_id = ? AND name = ?"
-        ))
-        .bind(account.id)
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let node = match row {
-            Some(r) => Node::try_from(r)?,
-            None => {
-                return Err(StoreError::NotFound(format!(
-                    "no node named {name:?} in account {:?}; see `trellis nodes list`",
-                    account.name
-                )))
-            }
-        };
+        let node = node_row_named(&mut tx, account, name).await?;
         sqlx::query("DELETE FROM nodes WHERE id = ?")
             .bind(node.id)
             .execute(&mut *tx)
@@ -1268,17 +1253,7 @@ impl Store {
     ) -> StoreResult<Node> {
         validate_name("node", new_name).map_err(StoreError::Invalid)?;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let row: Option<NodeRow> = sqlx::query_as(&format!(
-            "SELECT {NODE_COLUMNS} FROM nodes WHERE account_id = ? AND name = ?"
-        ))
-        .bind(account.id)
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let mut node = match row {
-            Some(r) => Node::try_from(r)?,
-            None => return Err(no_node(account, name)),
-        };
+        let mut node = node_row_named(&mut tx, account, name).await?;
         if name == new_name {
             return Ok(node);
         }
@@ -1328,17 +1303,7 @@ impl Store {
         now: i64,
     ) -> StoreResult<(Node, bool)> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let row: Option<NodeRow> = sqlx::query_as(&format!(
-            "SELECT {NODE_COLUMNS} FROM nodes WHERE account_id = ? AND name = ?"
-        ))
-        .bind(account.id)
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let mut node = match row {
-            Some(r) => Node::try_from(r)?,
-            None => return Err(no_node(account, name)),
-        };
+        let mut node = node_row_named(&mut tx, account, name).await?;
         if node.disabled == disabled {
             return Ok((node, false));
         }
@@ -1386,17 +1351,7 @@ impl Store {
             )));
         }
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let row: Option<NodeRow> = sqlx::query_as(&format!(
-            "SELECT {NODE_COLUMNS} FROM nodes WHERE account_id = ? AND name = ?"
-        ))
-        .bind(account.id)
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let mut node = match row {
-            Some(r) => Node::try_from(r)?,
-            None => return Err(no_node(account, name)),
-        };
+        let mut node = node_row_named(&mut tx, account, name).await?;
         if node.tags == clean {
             return Ok((node, false));
         }
@@ -1420,6 +1375,25 @@ impl Store {
         tx.commit().await?;
         node.tags = clean;
         Ok((node, true))
+    }
+}
+
+/// The node called `name` in `account`, or a NotFound that says so.
+async fn node_row_named(
+    tx: &mut sqlx::SqliteConnection,
+    account: &Account,
+    name: &str,
+) -> StoreResult<Node> {
+    let row: Option<NodeRow> = sqlx::query_as(&format!(
+        "SELECT {NODE_COLUMNS} FROM nodes WHERE account_id = ? AND name = ?"
+    ))
+    .bind(account.id)
+    .bind(name)
+    .fetch_optional(tx)
+    .await?;
+    match row {
+        Some(r) => Node::try_from(r),
+        None => Err(no_node(account, name)),
     }
 }
 
