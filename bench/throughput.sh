@@ -79,6 +79,11 @@ cleanup() {
         sleep 0.1
     done
     for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+    # Whatever still runs inside our namespaces (a PID above may be the
+    # subshell that started it rather than the process itself).
+    for ns in "${ALL_NS[@]}"; do
+        ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null
+    done
     wait 2>/dev/null
     for ns in "${ALL_NS[@]}"; do ip netns del "$ns" 2>/dev/null; done
     if [[ $rc -ne 0 ]]; then
