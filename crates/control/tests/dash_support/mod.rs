@@ -1,0 +1,226 @@
+//! What the dashboard's tests share: an in-process server on 127.0.0.1
+//! (`Running`) and a cookie-keeping client that signs in and posts forms
+//! with the session's CSRF token (`Browser`).
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::header::LOCATION;
+use reqwest::redirect::Policy;
+use reqwest::{Client, Response, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use trellis_control::{Config, Server};
+use trellis_proto::NodeKey;
+
+pub const EMAIL: &str = "alex@example.com";
+pub const PASSWORD: &str = "correct horse battery";
+
+pub struct Running {
+    pub url: String,
+    pub setup_url: Option<String>,
+    pub line: String,
+    pub operator: String,
+    pub stop: Option<oneshot::Sender<()>>,
+    pub task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    pub async fn start(dir: &Path) -> Running {
+        let server = Server::start(Config {
+            data_dir: dir.to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            public_url: None,
+            edge_udp: None,
+            dns_suffix: "mesh".into(),
+            flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
+        })
+        .await
+        .unwrap();
+        let url = server.url();
+        let setup_url = server.setup_url();
+        let line = server.dashboard_line();
+        let operator = std::fs::read_to_string(server.admin_key_path())
+            .unwrap()
+            .trim()
+            .to_string();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async move {
+            let _ = rx.await;
+        }));
+        Running {
+            url,
+            setup_url,
+            line,
+            operator,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("server stops within 10 s")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    /// Calls the REST API with the operator key.
+    pub async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        let resp = Client::new()
+            .request(method, self.at(&format!("/api/v1{path}")))
+            .bearer_auth(&self.operator)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Enrolls a fake node with `token` (no control stream: it stays offline).
+    pub async fn enroll(&self, token: &str, key: u8, name: &str) -> Value {
+        let resp = Client::new()
+            .post(self.at("/api/v1/enroll"))
+            .json(&json!({"token": token, "public_key": NodeKey([key; 32]).to_string(), "name": name}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.json().await.unwrap()
+    }
+
+    /// Creates the first admin through the setup link; returns the logged-in browser.
+    pub async fn setup_admin(&self) -> Browser {
+        let b = Browser::new();
+        let page = b
+            .get(self.setup_url.as_deref().expect("a setup link"))
+            .await;
+        assert_eq!(page.0, StatusCode::OK, "{}", page.1);
+        let token = field(&page.1, "token");
+        let resp = b
+            .post(
+                &self.at("/setup"),
+                &[
+                    ("csrf", &field(&page.1, "csrf")),
+                    ("token", &token),
+                    ("email", EMAIL),
+                    ("password", PASSWORD),
+                ],
+            )
+            .await;
+        assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+        assert_eq!(location(&resp), "/setup/network");
+        b
+    }
+
+    /// Logs in a new browser.
+    pub async fn login(&self, email: &str, password: &str) -> Browser {
+        let b = Browser::new();
+        let resp = b.login(self, email, password).await;
+        assert_eq!(resp.status(), StatusCode::SEE_OTHER, "login of {email}");
+        b
+    }
+}
+
+/// A browser: a cookie jar, no automatic redirects.
+pub struct Browser {
+    pub http: Client,
+}
+
+impl Browser {
+    pub fn new() -> Browser {
+        Browser {
+            http: Client::builder()
+                .cookie_store(true)
+                .redirect(Policy::none())
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub async fn get(&self, url: &str) -> (StatusCode, String) {
+        let resp = self.http.get(url).send().await.unwrap();
+        let status = resp.status();
+        (status, resp.text().await.unwrap())
+    }
+
+    pub async fn get_json(&self, url: &str) -> (StatusCode, Value) {
+        let resp = self.http.get(url).send().await.unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap())
+    }
+
+    pub async fn post(&self, url: &str, form: &[(&str, &str)]) -> Response {
+        self.http.post(url).form(form).send().await.unwrap()
+    }
+
+    pub async fn login(&self, r: &Running, email: &str, password: &str) -> Response {
+        let (status, page) = self.get(&r.at("/login")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(page.contains(r#"<form id="login""#), "{page}");
+        self.post(
+            &r.at("/login"),
+            &[
+                ("csrf", &field(&page, "csrf")),
+                ("email", email),
+                ("password", password),
+            ],
+        )
+        .await
+    }
+
+    /// The session's CSRF token, read from a logged-in page.
+    pub async fn csrf(&self, r: &Running) -> String {
+        let (status, page) = self.get(&r.at("/setup/network")).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        field(&page, "csrf")
+    }
+}
+
+/// The value of the first `<input name="NAME" value="...">` in a page.
+pub fn field(page: &str, name: &str) -> String {
+    let at = page
+        .find(&format!(r#"name="{name}""#))
+        .unwrap_or_else(|| panic!("no input {name} in {page}"));
+    let rest = &page[at..];
+    let v = rest.find(r#"value=""#).expect("the input has a value") + 7;
+    let end = rest[v..].find('"').unwrap();
+    rest[v..v + end].to_string()
+}
+
+/// The text inside the element with id `id` (up to its first `<`).
+pub fn text_of(page: &str, id: &str) -> String {
+    let at = page
+        .find(&format!(r#"id="{id}""#))
+        .unwrap_or_else(|| panic!("no #{id} in {page}"));
+    let start = at + page[at..].find('>').unwrap() + 1;
+    let end = start + page[start..].find('<').unwrap();
+    page[start..end].to_string()
+}
+
+pub fn location(resp: &Response) -> String {
+    resp.headers()
+        .get(LOCATION)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
