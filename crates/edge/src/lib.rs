@@ -3,6 +3,7 @@
 //! through the control plane's HTTP port); later also the fetch gateway for
 //! bindings. `trellis server` runs it next to the control plane.
 
+pub mod gateway;
 pub mod relay;
 pub mod stun;
 pub mod token;
