@@ -279,6 +279,8 @@ async fn route(
     log.rec.binding_id = Some(grant.binding.id);
     log.rec.binding = grant.binding.name.clone();
     if form == Form::Services {
+        log.rec.status = 200;
+        log.rec.path = Some(SERVICES_PATH.to_string());
         return Ok(services_response(&grant));
     }
     let target = parse_target(form, &req)?;

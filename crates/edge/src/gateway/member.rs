@@ -57,6 +57,8 @@ impl Member {
         tunnel.set_tcp_relay(true);
         let (out_tx, out_rx) = mpsc::channel(OUTBOUND_QUEUE);
         let stack = NetStack::spawn(MEMBER_MTU, out_tx);
+        let addrs: Vec<Ipv4Addr> = snapshot.bindings.iter().map(|b| b.ip).collect();
+        stack.set_addresses(&addrs);
         let (config, config_rx) = watch::channel(snapshot);
         let run = Run {
             hub,
@@ -78,6 +80,11 @@ impl Member {
     /// Applies a new snapshot of the account (peers, filter, bindings).
     pub fn update(&self, snapshot: Arc<AccountSnapshot>) {
         self.config.send_replace(snapshot);
+    }
+
+    /// The member's userspace stack.
+    pub fn stack(&self) -> &NetStack {
+        &self.stack
     }
 
     /// Dials `dst` from `src` (a binding's address) through the mesh.

@@ -18,6 +18,8 @@
 pub mod http;
 pub mod member;
 pub mod netstack;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
