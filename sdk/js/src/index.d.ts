@@ -13,6 +13,8 @@ export interface ConnectOptions {
   signal?: AbortSignal;
   /** Milliseconds to wait for the gateway's answer to CONNECT (default 30000). */
   timeout?: number;
+  /** Extra `tls.connect` options (e.g. `ca`) when the gateway URL is https. */
+  tls?: import('node:tls').ConnectionOptions;
 }
 
 export interface Service {

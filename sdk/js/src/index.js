@@ -240,7 +240,8 @@ export class Mesh {
    * rejects with a `MeshError` (status, code, message) when it refused.
    * @param {string} target
    * @param {number|{signal?: AbortSignal, timeout?: number}} [portOrOptions]
-   * @param {{signal?: AbortSignal, timeout?: number}} [options]
+   * @param {{signal?: AbortSignal, timeout?: number, tls?: object}} [options] `tls`: extra
+   *   `tls.connect` options (e.g. `ca`) for an https gateway
    */
   async connect(target, portOrOptions = undefined, options = undefined) {
     let port;
@@ -250,14 +251,14 @@ export class Mesh {
       options = portOrOptions;
     }
     const authority = splitAuthority(target, port);
-    const { signal, timeout = 30_000 } = options ?? {};
+    const { signal, timeout = 30_000, tls: tlsOptions } = options ?? {};
     signal?.throwIfAborted();
     const b = this.#b;
     let socket;
     if (b.tls) {
       const tls = await import('node:tls');
       const isIp = /^[\d.]+$/.test(b.hostname) || b.hostname.includes(':');
-      socket = tls.connect({ host: b.hostname, port: b.port, servername: isIp ? undefined : b.hostname });
+      socket = tls.connect({ servername: isIp ? undefined : b.hostname, ...tlsOptions, host: b.hostname, port: b.port });
     } else {
       const net = await import('node:net');
       socket = net.connect({ host: b.hostname, port: b.port });

@@ -8,6 +8,11 @@ import http from 'node:http';
 import net from 'node:net';
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
+import https from 'node:https';
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 
 import { mesh, Mesh, MeshError, gatewayError, parseBinding } from '../src/index.js';
 
@@ -370,4 +375,35 @@ test('mesh() reads MESH from the environment', () => {
     if (old === undefined) delete process.env.MESH;
     else process.env.MESH = old;
   }
+});
+
+test('connect through an https gateway (TLS to the gateway, then CONNECT)', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'trellis-sdk-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  try {
+    execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', join(dir, 'key.pem'),
+      '-out', join(dir, 'cert.pem'), '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1'],
+    { stdio: 'ignore' });
+  } catch {
+    t.skip('openssl is not available to make a test certificate');
+    return;
+  }
+  const cert = readFileSync(join(dir, 'cert.pem'));
+  const tlsGw = https.createServer({ cert, key: readFileSync(join(dir, 'key.pem')) });
+  // The same CONNECT handling as the plain gateway.
+  for (const l of gateway.listeners('connect')) tlsGw.on('connect', l);
+  const port = await listen(tlsGw);
+  t.after(() => tlsGw.close());
+  const m = mesh(`https://${ID}:${SECRET}@127.0.0.1:${port}`);
+  const sock = await m.connect('db.prod.mesh:5432', { tls: { ca: cert } });
+  assert.equal(sock.encrypted, true);
+  sock.write('over tls');
+  let buf = Buffer.alloc(0);
+  for await (const d of sock) {
+    buf = Buffer.concat([buf, d]);
+    if (buf.length >= GREETING.length + 8) break;
+  }
+  assert.ok(buf.equals(Buffer.concat([GREETING, Buffer.from('over tls')])));
+  // Without the CA the gateway's certificate is refused.
+  await assert.rejects(m.connect('db.prod.mesh:5432'), /self[- ]signed|certificate/i);
 });

@@ -127,7 +127,9 @@ class World:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(self.tls_cert, self.tls_key)
             self.tls = await asyncio.start_server(self._target, "127.0.0.1", 0, ssl=ctx)
-            self.servers.append(self.tls)
+            # The gateway on TLS too (a binding URL with https).
+            self.gw_tls = await asyncio.start_server(self._gateway, "127.0.0.1", 0, ssl=ctx)
+            self.servers += [self.tls, self.gw_tls]
         self.gw_port = self.gw.sockets[0].getsockname()[1]
 
     def port(self, server):
@@ -295,7 +297,7 @@ def tls_files(tmp_path_factory):
     cert, key = str(d / "cert.pem"), str(d / "key.pem")
     r = subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "2",
-         "-subj", "/CN=secure.prod.mesh", "-addext", "subjectAltName=DNS:secure.prod.mesh"],
+         "-subj", "/CN=secure.prod.mesh", "-addext", "subjectAltName=DNS:secure.prod.mesh,IP:127.0.0.1"],
         capture_output=True,
     )
     if r.returncode != 0:
@@ -519,3 +521,22 @@ def test_the_client_never_shows_its_secret(world):
     assert Mesh(f"https://{ID}:x@edge.example.com").gateway == "https://edge.example.com:443"
     with pytest.raises(TypeError, match="set by the mesh"):
         m.client(proxy="http://elsewhere:1")
+
+
+def test_open_connection_through_an_https_gateway(world, tls_files):
+    if tls_files is None:
+        pytest.skip("openssl is not available to make a test certificate")
+    m = Mesh(f"https://{ID}:{SECRET}@127.0.0.1:{world.port(world.gw_tls)}")
+
+    async def main(ctx):
+        reader, writer = await m.open_connection("db.prod.mesh", 5432, ssl=ctx)
+        assert writer.get_extra_info("ssl_object") is not None
+        writer.write(b"over tls")
+        got = await asyncio.wait_for(reader.readexactly(len(GREETING) + 8), 10)
+        writer.close()
+        return got
+
+    assert asyncio.run(main(ssl.create_default_context(cafile=tls_files[0]))) == GREETING + b"over tls"
+    # Without the CA the gateway's certificate is refused.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        asyncio.run(main(None))
