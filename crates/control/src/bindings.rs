@@ -147,7 +147,8 @@ struct BindingRow {
     last_used_at: Option<i64>,
 }
 
-const BINDING_COLUMNS: &str = "id, account_id, public_id, name, secret_hash, ip, tags, created_at, \
+const BINDING_COLUMNS: &str =
+    "id, account_id, public_id, name, secret_hash, ip, tags, created_at, \
      expires_at, revoked_at, requests, last_used_at";
 
 impl TryFrom<BindingRow> for Binding {
@@ -468,7 +469,10 @@ impl Store {
             }
             stored += 1;
             if let Some(id) = r.binding_id {
-                let used_at = r.start_ms.saturating_add(r.duration_ms.max(0)).div_euclid(1000);
+                let used_at = r
+                    .start_ms
+                    .saturating_add(r.duration_ms.max(0))
+                    .div_euclid(1000);
                 sqlx::query(
                     "UPDATE bindings SET requests = requests + 1, \
                      last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ? AND account_id = ?",
@@ -1001,12 +1005,16 @@ mod tests {
             clean_tags(&["a".into(), "b".into(), "a".into()]).unwrap(),
             ["a", "b"]
         );
-        assert!(clean_tags(&["Bad Tag".into()]).unwrap_err().contains("invalid tag"));
+        assert!(clean_tags(&["Bad Tag".into()])
+            .unwrap_err()
+            .contains("invalid tag"));
         let many: Vec<String> = (0..=MAX_BINDING_TAGS).map(|i| format!("t{i}")).collect();
         assert!(clean_tags(&many).is_err());
         assert!(check_ttl(None).is_ok());
         assert!(check_ttl(Some(60)).is_ok());
-        assert!(check_ttl(Some(0)).unwrap_err().contains("at least 1 second"));
+        assert!(check_ttl(Some(0))
+            .unwrap_err()
+            .contains("at least 1 second"));
         assert!(check_ttl(Some(MAX_BINDING_TTL_SECS + 1)).is_err());
     }
 }

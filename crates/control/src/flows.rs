@@ -573,7 +573,9 @@ pub fn spawn_retention(store: Store, retention: Duration) -> tokio::task::JoinHa
             // The gateway's request log is kept as long as flows.
             match store.prune_requests(now_ms().saturating_sub(keep)).await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(deleted = n, "deleted request records past their retention"),
+                Ok(n) => {
+                    tracing::info!(deleted = n, "deleted request records past their retention")
+                }
                 Err(e) => tracing::warn!(error = %e, "could not delete old request records"),
             }
         }

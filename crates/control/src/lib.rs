@@ -559,6 +559,90 @@ mod tests {
     }
 
     #[test]
+    fn gateway_tls_files_are_checked() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let cert = fixtures.join("gateway-cert.pem");
+        let key = fixtures.join("gateway-key.pem");
+        load_tls(&cert, &key).expect("a matching pair loads");
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = format!("{:#}", load_tls(&missing, &key).unwrap_err());
+        assert!(err.contains("missing.pem"), "{err}");
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let err = format!("{:#}", load_tls(&junk, &key).unwrap_err());
+        assert!(err.contains("holds no certificate"), "{err}");
+        let err = format!("{:#}", load_tls(&cert, &junk).unwrap_err());
+        assert!(err.contains("private key"), "{err}");
+        let other = fixtures.join("other-key.pem");
+        let err = format!("{:#}", load_tls(&cert, &other).unwrap_err());
+        assert!(err.contains("do not make a usable pair"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn gateway_url_and_listener() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let dir = tempfile::tempdir().unwrap();
+        let config = |gateway_listen, gateway_tls, public_url| Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            public_url,
+            edge_udp: None,
+            dns_suffix: DEFAULT_DNS_SUFFIX.into(),
+            flow_retention: flows::DEFAULT_FLOW_RETENTION,
+            gateway_listen,
+            gateway_tls,
+        };
+        let tls = Some((
+            fixtures.join("gateway-cert.pem"),
+            fixtures.join("gateway-key.pem"),
+        ));
+        let s = Server::start(config(
+            Some("127.0.0.1:0".parse().unwrap()),
+            tls.clone(),
+            None,
+        ))
+        .await
+        .unwrap();
+        let port = s.gateway_addr().unwrap().port();
+        assert_eq!(
+            s.gateway_url().unwrap(),
+            format!("https://127.0.0.1:{port}")
+        );
+        // The port is taken now: a second server says so.
+        let err = Server::start(config(
+            Some(s.gateway_addr().unwrap()),
+            None,
+            Some("https://edge.example.com".into()),
+        ))
+        .await
+        .err()
+        .expect("the port is taken");
+        assert!(format!("{err:#}").contains("--gateway-listen"), "{err:#}");
+        drop(s);
+        let s = Server::start(config(
+            Some("0.0.0.0:0".parse().unwrap()),
+            None,
+            Some("https://edge.example.com:9000/x".into()),
+        ))
+        .await
+        .unwrap();
+        let port = s.gateway_addr().unwrap().port();
+        assert_eq!(
+            s.gateway_url().unwrap(),
+            format!("http://edge.example.com:{port}")
+        );
+        drop(s);
+        let err = Server::start(config(None, tls, None))
+            .await
+            .err()
+            .expect("TLS without a gateway is refused");
+        assert!(format!("{err:#}").contains("--gateway-listen"), "{err:#}");
+        let s = Server::start(config(None, None, None)).await.unwrap();
+        assert!(s.gateway().is_none() && s.gateway_url().is_none());
+    }
+
+    #[test]
     fn relay_secret_is_created_once_and_kept() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();

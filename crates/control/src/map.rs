@@ -618,6 +618,39 @@ mod tests {
     }
 
     #[test]
+    fn the_gateway_is_peer_zero_of_enabled_nodes_only() {
+        let acc = account(1);
+        let mut nodes = vec![node(1, 1), node(2, 1)];
+        nodes[1].disabled = true;
+        let mut v = view(&acc, &nodes, &HashSet::new());
+        let before = build_map(&v, 1).unwrap();
+        let mut sent = Sent::new(&before);
+        let b: Ipv4Net = "100.64.0.9/32".parse().unwrap();
+        v.gateway = Some(GatewayMember {
+            public_key: NodeKey([9; 32]),
+            ip: "100.64.0.1".parse().unwrap(),
+            allowed_ips: vec![b],
+        });
+        let m = build_map(&v, 1).unwrap();
+        assert_eq!(m.peers[0].id, 0);
+        assert_eq!(m.peers[0].name, "gateway");
+        assert_eq!(m.peers[0].allowed_ips, [b]);
+        assert!(m.peers[0].endpoints.is_empty() && m.peers[0].online);
+        assert!(
+            build_map(&v, 2).unwrap().peers.is_empty(),
+            "disabled: no gateway either"
+        );
+        assert!(
+            matches!(sent.delta_to(&m), Some(ServerMessage::Delta { upsert, .. }) if upsert.len() == 1)
+        );
+        v.gateway = None;
+        match sent.delta_to(&build_map(&v, 1).unwrap()) {
+            Some(ServerMessage::Delta { remove, .. }) => assert_eq!(remove, [NodeKey([9; 32])]),
+            other => panic!("expected a delta, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn deltas_carry_only_changes() {
         let acc = account(1);
         let mut nodes = vec![node(1, 1), node(2, 1)];

@@ -183,8 +183,7 @@ pub async fn account_view(
         .await
         .context("loading the account's policy")?
         .map(|(_, spec)| spec);
-    let gateway =
-        crate::bindings::gateway_member(state.gateway.as_deref(), &account, &bindings);
+    let gateway = crate::bindings::gateway_member(state.gateway.as_deref(), &account, &bindings);
     Ok(Some(AccountView {
         account,
         nodes,

@@ -76,7 +76,10 @@ fn parts(url: &str, scheme: &str) -> (String, String, String) {
         "public id {id} is lower-case base32"
     );
     assert_eq!(secret.len(), 32, "{secret}");
-    assert!(secret.bytes().all(|b| b.is_ascii_alphanumeric()), "{secret}");
+    assert!(
+        secret.bytes().all(|b| b.is_ascii_alphanumeric()),
+        "{secret}"
+    );
     (id.to_string(), secret.to_string(), host.to_string())
 }
 
@@ -97,7 +100,11 @@ async fn create_list_revoke_and_the_secret_is_never_stored() {
     )
     .await;
     let (public_id, secret, host) = parts(&made.url, "http");
-    assert_eq!(format!("http://{host}"), gw_url, "the URL names the gateway");
+    assert_eq!(
+        format!("http://{host}"),
+        gw_url,
+        "the URL names the gateway"
+    );
     assert_eq!(made.binding.public_id, public_id);
     assert_eq!(made.binding.name, "ci-runner");
     assert_eq!(made.binding.tags, ["agents", "ci"]);
@@ -180,17 +187,57 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let before = audit(&r).await.len();
     let long = "a".repeat(64);
     for (body, status, words) in [
-        (json!({"name": "Agent"}), StatusCode::BAD_REQUEST, "invalid binding name"),
-        (json!({"name": "-x"}), StatusCode::BAD_REQUEST, "invalid binding name"),
-        (json!({"name": ""}), StatusCode::BAD_REQUEST, "invalid binding name"),
-        (json!({"name": long}), StatusCode::BAD_REQUEST, "invalid binding name"),
-        (json!({"name": "a.b"}), StatusCode::BAD_REQUEST, "invalid binding name"),
+        (
+            json!({"name": "Agent"}),
+            StatusCode::BAD_REQUEST,
+            "invalid binding name",
+        ),
+        (
+            json!({"name": "-x"}),
+            StatusCode::BAD_REQUEST,
+            "invalid binding name",
+        ),
+        (
+            json!({"name": ""}),
+            StatusCode::BAD_REQUEST,
+            "invalid binding name",
+        ),
+        (
+            json!({"name": long}),
+            StatusCode::BAD_REQUEST,
+            "invalid binding name",
+        ),
+        (
+            json!({"name": "a.b"}),
+            StatusCode::BAD_REQUEST,
+            "invalid binding name",
+        ),
         (json!({}), StatusCode::BAD_REQUEST, "name"),
-        (json!({"name": "x", "tags": ["Bad Tag"]}), StatusCode::BAD_REQUEST, "invalid tag name"),
-        (json!({"name": "x", "ttl_secs": 0}), StatusCode::BAD_REQUEST, "at least 1 second"),
-        (json!({"name": "x", "ttl_secs": 999_999_999_999u64}), StatusCode::BAD_REQUEST, "ten years"),
-        (json!({"name": "x", "ttl_secs": -5}), StatusCode::BAD_REQUEST, "invalid JSON"),
-        (json!({"name": "agent"}), StatusCode::CONFLICT, "already has a binding named"),
+        (
+            json!({"name": "x", "tags": ["Bad Tag"]}),
+            StatusCode::BAD_REQUEST,
+            "invalid tag name",
+        ),
+        (
+            json!({"name": "x", "ttl_secs": 0}),
+            StatusCode::BAD_REQUEST,
+            "at least 1 second",
+        ),
+        (
+            json!({"name": "x", "ttl_secs": 999_999_999_999u64}),
+            StatusCode::BAD_REQUEST,
+            "ten years",
+        ),
+        (
+            json!({"name": "x", "ttl_secs": -5}),
+            StatusCode::BAD_REQUEST,
+            "invalid JSON",
+        ),
+        (
+            json!({"name": "agent"}),
+            StatusCode::CONFLICT,
+            "already has a binding named",
+        ),
     ] {
         let (got, v) = r.api(Method::POST, "/bindings", body.clone()).await;
         assert_eq!(got, status, "{body}: {v}");
@@ -357,9 +404,7 @@ async fn policies_name_bindings_and_their_tags() {
     let t = token(&r).await;
     let node = r.enroll(&t, 7, "db").await;
     let db = ip_of(&node);
-    let (status, v) = r
-        .api(Method::PUT, "/policy", json!({"text": AGENTS}))
-        .await;
+    let (status, v) = r.api(Method::PUT, "/policy", json!({"text": AGENTS})).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     let warnings = v["warnings"].to_string();
     assert!(warnings.contains("binding `ci`"), "{warnings}");
@@ -381,8 +426,14 @@ async fn policies_name_bindings_and_their_tags() {
     .await;
     let spec = spec.unwrap();
     assert_eq!(decide(&spec, ci, db, 5432), (true, Some("ci-db".into())));
-    assert_eq!(decide(&spec, agent, db, 80), (true, Some("agents-web".into())));
-    assert!(!decide(&spec, agent, db, 5432).0, "the tag rule is port 80 only");
+    assert_eq!(
+        decide(&spec, agent, db, 80),
+        (true, Some("agents-web".into()))
+    );
+    assert!(
+        !decide(&spec, agent, db, 5432).0,
+        "the tag rule is port 80 only"
+    );
     assert!(!decide(&spec, ci, db, 80).0);
 
     let (status, v) = r
@@ -400,7 +451,10 @@ async fn policies_name_bindings_and_their_tags() {
     // Revoked: the name resolves to nothing again, in the maps and the test.
     let (status, _) = r.api(Method::DELETE, "/bindings/ci", Value::Null).await;
     assert_eq!(status, StatusCode::OK);
-    delta_until(&mut ws, PUSH, |_, _, f| f.is_some_and(|f| !decide(f, ci, db, 5432).0)).await;
+    delta_until(&mut ws, PUSH, |_, _, f| {
+        f.is_some_and(|f| !decide(f, ci, db, 5432).0)
+    })
+    .await;
     let (status, v) = r
         .api(
             Method::POST,
@@ -582,7 +636,11 @@ async fn request_records_reach_the_log_and_count_as_usage() {
     let p: RequestLogPage = serde_json::from_value(v).unwrap();
     assert_eq!(p.records.len(), 2);
     let (_, v) = r
-        .api(Method::GET, "/logs/requests?binding=ci&limit=1", Value::Null)
+        .api(
+            Method::GET,
+            "/logs/requests?binding=ci&limit=1",
+            Value::Null,
+        )
         .await;
     let p1: RequestLogPage = serde_json::from_value(v).unwrap();
     assert_eq!(p1.records[0].path.as_deref(), Some("/items"));
@@ -601,7 +659,13 @@ async fn request_records_reach_the_log_and_count_as_usage() {
         .await;
     let recent: RequestLogPage = serde_json::from_value(v).unwrap();
     assert_eq!(recent.records.len(), 1, "only the newest is within 10 s");
-    for bad in ["limit=0", "binding=Bad_Name", "before_id=x", "since=yesterday", "nope=1"] {
+    for bad in [
+        "limit=0",
+        "binding=Bad_Name",
+        "before_id=x",
+        "since=yesterday",
+        "nope=1",
+    ] {
         let (status, v) = r
             .api(Method::GET, &format!("/logs/requests?{bad}"), Value::Null)
             .await;

@@ -857,7 +857,8 @@ async fn requests_log(
     }
     let mut path = format!("/logs/requests?limit={limit}");
     if let Some(b) = &binding {
-        trellis_proto::validate_name("binding", b).map_err(|e| anyhow!("invalid --binding: {e}"))?;
+        trellis_proto::validate_name("binding", b)
+            .map_err(|e| anyhow!("invalid --binding: {e}"))?;
         path.push_str(&format!("&binding={b}"));
     }
     if let Some(s) = &since {

@@ -237,9 +237,12 @@ fn parse_gateway_listen(s: &str) -> Result<GatewayListen, String> {
     if s.trim().eq_ignore_ascii_case("off") {
         return Ok(GatewayListen(None));
     }
-    s.trim().parse().map(|a| GatewayListen(Some(a))).map_err(|_| {
-        format!("invalid gateway address {s:?}: give ADDR:PORT such as 0.0.0.0:8443, or off")
-    })
+    s.trim()
+        .parse()
+        .map(|a| GatewayListen(Some(a)))
+        .map_err(|_| {
+            format!("invalid gateway address {s:?}: give ADDR:PORT such as 0.0.0.0:8443, or off")
+        })
 }
 
 #[derive(Subcommand)]
@@ -484,9 +487,7 @@ async fn run_server(config: trellis_control::Config) -> anyhow::Result<()> {
     println!("  API:            {url}/api/v1 (OpenAPI: {url}/api/v1/openapi.json)");
     println!("  Edge UDP:       {edge_addr} (endpoint discovery and relay; TCP relay at {url}/api/v1/relay)");
     match server.gateway_url() {
-        Some(g) => println!(
-            "  Fetch gateway:  {g} (bindings: `trellis binding create NAME`)"
-        ),
+        Some(g) => println!("  Fetch gateway:  {g} (bindings: `trellis binding create NAME`)"),
         None => println!("  Fetch gateway:  off (start with --gateway-listen ADDR for bindings)"),
     }
     println!("  Operator key:   {}", server.admin_key_path().display());
@@ -735,12 +736,30 @@ mod tests {
             &["trellis", "policy", "history"],
             &["trellis", "policy", "restore", "3"],
             &["trellis", "logs", "audit", "--since", "10m", "--json"],
-            &["trellis", "binding", "create", "ci", "--tag", "a", "--tag", "b", "--ttl", "30d"],
+            &[
+                "trellis", "binding", "create", "ci", "--tag", "a", "--tag", "b", "--ttl", "30d",
+            ],
             &["trellis", "binding", "list", "--json"],
             &["trellis", "binding", "revoke", "ci"],
-            &["trellis", "logs", "requests", "--binding", "ci", "--limit", "5", "--json"],
+            &[
+                "trellis",
+                "logs",
+                "requests",
+                "--binding",
+                "ci",
+                "--limit",
+                "5",
+                "--json",
+            ],
             &["trellis", "server", "--gateway-listen", "off"],
-            &["trellis", "server", "--gateway-tls-cert", "c.pem", "--gateway-tls-key", "k.pem"],
+            &[
+                "trellis",
+                "server",
+                "--gateway-tls-cert",
+                "c.pem",
+                "--gateway-tls-key",
+                "k.pem",
+            ],
         ] {
             assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
         }
@@ -791,7 +810,10 @@ mod tests {
             listen(&["trellis", "server"]),
             Some("0.0.0.0:8443".parse().unwrap())
         );
-        assert_eq!(listen(&["trellis", "server", "--gateway-listen", "off"]), None);
+        assert_eq!(
+            listen(&["trellis", "server", "--gateway-listen", "off"]),
+            None
+        );
         assert_eq!(
             listen(&["trellis", "server", "--gateway-listen", "127.0.0.1:9443"]),
             Some("127.0.0.1:9443".parse().unwrap())

@@ -193,9 +193,8 @@ impl Running {
 }
 
 /// A fake node's control stream.
-pub type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 /// The next message the server sends on a control stream, within `within`.

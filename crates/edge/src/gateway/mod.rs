@@ -198,7 +198,11 @@ impl Gateway {
 
     /// What the gateway knows of an account now (the last snapshot set).
     pub fn account(&self, id: i64) -> Option<std::sync::Arc<AccountSnapshot>> {
-        self.accounts.lock().expect("gateway lock").get(&id).cloned()
+        self.accounts
+            .lock()
+            .expect("gateway lock")
+            .get(&id)
+            .cloned()
     }
 
     /// Queues a request record for the control plane's request log; dropped
