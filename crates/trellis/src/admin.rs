@@ -1554,4 +1554,150 @@ mod tests {
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("").is_err());
     }
+
+    /// `trellis binding create/list/revoke` and `trellis logs requests`
+    /// against a real control plane running a gateway.
+    #[tokio::test]
+    async fn binding_commands_map_to_the_api() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = trellis_control::Server::start(trellis_control::Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            public_url: None,
+            edge_udp: None,
+            dns_suffix: "mesh".into(),
+            flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
+            gateway_listen: Some("127.0.0.1:0".parse().unwrap()),
+            gateway_tls: None,
+        })
+        .await
+        .unwrap();
+        let url = server.url();
+        let gw = server.gateway().unwrap();
+        let key = std::fs::read_to_string(server.admin_key_path()).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async move {
+            let _ = stopped.await;
+        }));
+        let opts = AdminOpts {
+            server: url,
+            api_key: Some(key),
+            account: None,
+        };
+        let c = Client::new(&opts).unwrap();
+
+        binding(
+            &opts,
+            BindingCmd::Create {
+                name: "ci".into(),
+                tags: vec!["agents".into()],
+                ttl: Some("30d".into()),
+            },
+        )
+        .await
+        .unwrap();
+        let v: Vec<trellis_proto::BindingInfo> = c.get("/bindings").await.unwrap();
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].tags, ["agents"]);
+        let ttl = v[0].expires_at.unwrap() - v[0].created_at;
+        assert!((ttl - 30 * 86_400).abs() <= 1, "{ttl}");
+        let e = binding(
+            &opts,
+            BindingCmd::Create {
+                name: "ci".into(),
+                tags: vec![],
+                ttl: Some("1w".into()),
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("invalid duration"), "{e}");
+        let e = binding(
+            &opts,
+            BindingCmd::Create {
+                name: "ci".into(),
+                tags: vec![],
+                ttl: None,
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("409"), "{e}");
+        binding(&opts, BindingCmd::List { json: false })
+            .await
+            .unwrap();
+
+        gw.record(trellis_edge::gateway::RequestRecord {
+            account_id: 1,
+            binding_id: Some(1),
+            binding: "ci".into(),
+            start_ms: 1_700_000_000_000,
+            duration_ms: 12,
+            form: "connect".into(),
+            method: "CONNECT".into(),
+            target: "db.default.mesh:5432".into(),
+            dst_ip: Some("100.64.0.3".parse().unwrap()),
+            dst_port: 5432,
+            node: Some("db".into()),
+            path: None,
+            status: 200,
+            bytes_up: 3000,
+            bytes_down: 10,
+            decision: "allow".into(),
+            rule: Some("ci-db".into()),
+            error: None,
+        });
+        let mut out = Vec::new();
+        for _ in 0..40 {
+            out.clear();
+            requests_log(&c, Some("ci".into()), None, 10, false, &mut out)
+                .await
+                .unwrap();
+            if !out.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with("TIME"), "{text}");
+        for word in [
+            "2023-11-14T22:13:20.000Z",
+            "ci",
+            "CONNECT",
+            "db.default.mesh:5432",
+            " - ",
+            "200",
+            "2.9K/10B",
+            "12ms",
+            "allow ci-db",
+        ] {
+            assert!(lines[1].contains(word), "{word:?} in {text}");
+        }
+        let mut json = Vec::new();
+        requests_log(&c, None, Some("10m".into()), 10, true, &mut json)
+            .await
+            .unwrap();
+        assert!(json.is_empty(), "the record is from 2023");
+        assert!(
+            requests_log(&c, Some("Bad".into()), None, 10, false, &mut json)
+                .await
+                .is_err()
+        );
+
+        binding(&opts, BindingCmd::Revoke { name: "ci".into() })
+            .await
+            .unwrap();
+        let v: Vec<trellis_proto::BindingInfo> = c.get("/bindings").await.unwrap();
+        assert!(v[0].revoked_at.is_some());
+        assert_eq!(v[0].requests, 1);
+        let e = binding(&opts, BindingCmd::Revoke { name: "ci".into() })
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("404"), "{e}");
+
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+    }
 }
