@@ -46,6 +46,8 @@ pub struct AppState {
     pub dash: Arc<crate::dashboard::DashState>,
     /// How long flow records are kept (shown on the dashboard's settings page).
     pub flow_retention: std::time::Duration,
+    /// The fetch gateway, when this server runs one.
+    pub gateway: Option<Arc<crate::bindings::GatewayFront>>,
 }
 
 /// Unix seconds now.
@@ -749,7 +751,7 @@ impl Modify for BearerAuth {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Trellis control plane", description = "Accounts, join tokens, nodes, subnet routes, DNS names and the node control stream of a Trellis mesh."),
+    info(title = "Trellis control plane", description = "Accounts, join tokens, nodes, subnet routes, DNS names, bindings (the fetch gateway's credentials) and the node control stream of a Trellis mesh."),
     paths(health, openapi_json, create_account, list_accounts, create_token, list_nodes,
         delete_node, rename_node, list_routes, approve_route, list_dns, add_dns, delete_dns,
         enroll, node_stream, relay_ws, crate::flows::list_flows, crate::flows::stream_flows,
@@ -759,7 +761,10 @@ impl Modify for BearerAuth {
         crate::keys::list_keys, crate::keys::create_key, crate::keys::revoke_key,
         crate::policy::get_policy, crate::policy::put_policy, crate::policy::policy_history,
         crate::policy::restore_policy, crate::policy::test_policy, crate::audit::list_audit,
-        crate::probe::probe_node, crate::dashboard::create_admin, crate::dashboard::list_admins),
+        crate::probe::probe_node, crate::dashboard::create_admin, crate::dashboard::list_admins,
+        crate::bindings::create_binding, crate::bindings::list_bindings,
+        crate::bindings::get_binding, crate::bindings::revoke_binding,
+        crate::bindings::list_requests),
     components(schemas(ApiError, AccountInfo, CreateAccountRequest, CreateAccountResponse,
         CreateTokenRequest, CreateTokenResponse, NodeInfo, trellis_proto::PeerPath, EnrollRequest, EnrollResponse,
         RouteInfo, ApproveRouteRequest, DnsRecordInfo, RenameNodeRequest,
@@ -772,7 +777,10 @@ impl Modify for BearerAuth {
         trellis_proto::AuditEntry, trellis_proto::ApiKeyInfo,
         trellis_proto::CreateApiKeyRequest, trellis_proto::CreateApiKeyResponse,
         crate::probe::ProbeRequest, crate::probe::ProbeOutcome,
-        crate::dashboard::CreateAdminRequest, crate::dashboard::AdminInfo)),
+        crate::dashboard::CreateAdminRequest, crate::dashboard::AdminInfo,
+        trellis_proto::CreateBindingRequest, trellis_proto::CreateBindingResponse,
+        trellis_proto::BindingInfo, trellis_proto::RequestLogPage,
+        trellis_proto::RequestLogRecord)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -819,6 +827,15 @@ pub fn router(state: AppState) -> Router {
         .route("/logs/flows", get(crate::flows::list_flows))
         .route("/logs/flows/stream", get(crate::flows::stream_flows))
         .route("/logs/summary", get(crate::flows::traffic))
+        .route("/logs/requests", get(crate::bindings::list_requests))
+        .route(
+            "/bindings",
+            get(crate::bindings::list_bindings).post(crate::bindings::create_binding),
+        )
+        .route(
+            "/bindings/{name}",
+            get(crate::bindings::get_binding).delete(crate::bindings::revoke_binding),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()

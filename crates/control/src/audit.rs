@@ -35,6 +35,8 @@ pub mod action {
     pub const POLICY_RESTORE: &str = "policy.restore";
     pub const ACCOUNT_RENAME: &str = "account.rename";
     pub const ADMIN_CREATE: &str = "admin.create";
+    pub const BINDING_CREATE: &str = "binding.create";
+    pub const BINDING_REVOKE: &str = "binding.revoke";
 }
 
 /// Most entries one call returns.

@@ -79,7 +79,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// A point in time given as `10m`/`2h`/`7d` ago or as unix seconds; unix ms.
-fn parse_time(name: &str, s: &str, now_ms: i64) -> Result<i64, String> {
+pub(crate) fn parse_time(name: &str, s: &str, now_ms: i64) -> Result<i64, String> {
     let t = s.trim();
     if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
         let secs: i64 = t
@@ -96,11 +96,11 @@ fn parse_time(name: &str, s: &str, now_ms: i64) -> Result<i64, String> {
 }
 
 /// Keeps the first `max` characters of `s`, without control characters.
-fn clean(s: &str, max: usize) -> String {
+pub(crate) fn clean(s: &str, max: usize) -> String {
     s.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 
-fn sat(v: u64) -> i64 {
+pub(crate) fn sat(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
@@ -569,6 +569,14 @@ pub fn spawn_retention(store: Store, retention: Duration) -> tokio::task::JoinHa
                 Ok(0) => {}
                 Ok(n) => tracing::info!(deleted = n, "deleted flow records past their retention"),
                 Err(e) => tracing::warn!(error = %e, "could not delete old flow records"),
+            }
+            // The gateway's request log is kept as long as flows.
+            match store.prune_requests(now_ms().saturating_sub(keep)).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(deleted = n, "deleted request records past their retention")
+                }
+                Err(e) => tracing::warn!(error = %e, "could not delete old request records"),
             }
         }
     })

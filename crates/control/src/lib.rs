@@ -11,6 +11,8 @@
 //!     edge_udp: Some("0.0.0.0:3478".parse()?),
 //!     dns_suffix: trellis_control::DEFAULT_DNS_SUFFIX.into(),
 //!     flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
+//!     gateway_listen: Some(trellis_control::DEFAULT_GATEWAY_LISTEN.parse()?),
+//!     gateway_tls: None,
 //! })
 //! .await?;
 //! println!("{}", server.url());
@@ -20,6 +22,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod bindings;
 pub mod dashboard;
 pub mod flows;
 pub mod keys;
@@ -60,6 +63,8 @@ pub const ADMIN_KEY_FILE: &str = "admin.key";
 pub const RELAY_SECRET_FILE: &str = "relay.secret";
 /// The DNS suffix unless configured: nodes resolve `NODE.ACCOUNT.mesh`.
 pub const DEFAULT_DNS_SUFFIX: &str = "mesh";
+/// Where the fetch gateway listens unless configured.
+pub const DEFAULT_GATEWAY_LISTEN: &str = "0.0.0.0:8443";
 
 /// How to run the control plane.
 #[derive(Debug, Clone)]
@@ -80,6 +85,19 @@ pub struct Config {
     /// ones are deleted at start and hourly. Default
     /// [`flows::DEFAULT_FLOW_RETENTION`] (30 days).
     pub flow_retention: Duration,
+    /// TCP address of the fetch gateway (bindings' requests; see
+    /// `docs/gateway.md`); None runs no gateway, and bindings cannot be created.
+    pub gateway_listen: Option<SocketAddr>,
+    /// The gateway's TLS certificate chain and private key (PEM files); None
+    /// serves plain HTTP.
+    pub gateway_tls: Option<(PathBuf, PathBuf)>,
+}
+
+struct GatewayParts {
+    listener: TcpListener,
+    addr: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    records: tokio::sync::mpsc::Receiver<trellis_edge::gateway::RequestRecord>,
 }
 
 /// A started control plane: database open, listener bound, not yet serving.
@@ -89,6 +107,8 @@ pub struct Server {
     local_addr: SocketAddr,
     edge: Option<EdgeUdp>,
     edge_addr: Option<SocketAddr>,
+    /// The gateway's listener, its TLS configuration and its record channel.
+    gateway: Option<GatewayParts>,
     state: AppState,
     /// The one-time dashboard setup token, while no dashboard admin exists.
     setup_token: Option<String>,
@@ -166,6 +186,43 @@ impl Server {
                 (Some(edge), Some(bound), Some(udp))
             }
         };
+        let (gateway, front) = match config.gateway_listen {
+            None => {
+                if config.gateway_tls.is_some() {
+                    anyhow::bail!("a gateway TLS certificate was given but the gateway is off; give --gateway-listen ADDR too");
+                }
+                (None, None)
+            }
+            Some(addr) => {
+                let tls = config
+                    .gateway_tls
+                    .as_ref()
+                    .map(|(cert, key)| load_tls(cert, key))
+                    .transpose()?;
+                let listener = TcpListener::bind(addr).await.with_context(|| {
+                    format!("listening for the fetch gateway on {addr} (is another server running there? pick another with --gateway-listen, or `off`)")
+                })?;
+                let bound = listener
+                    .local_addr()
+                    .context("reading the gateway listener's address")?;
+                let authority = gateway_authority(&config, bound, local_addr)?;
+                let (gw, records) = trellis_edge::gateway::Gateway::new(relay_hub.clone(), secret);
+                let front = Arc::new(bindings::GatewayFront {
+                    gateway: gw,
+                    scheme: if tls.is_some() { "https" } else { "http" },
+                    authority,
+                });
+                (
+                    Some(GatewayParts {
+                        listener,
+                        addr: bound,
+                        tls,
+                        records,
+                    }),
+                    Some(front),
+                )
+            }
+        };
         let dns_suffix: Arc<str> = Arc::from(config.dns_suffix.as_str());
         let dash = Arc::new(dashboard::DashState::new(&server_url(&config, local_addr)));
         let flow_retention = config.flow_retention;
@@ -176,6 +233,7 @@ impl Server {
             local_addr,
             edge,
             edge_addr,
+            gateway,
             state: AppState {
                 store,
                 hub: Arc::new(Hub::new()),
@@ -187,6 +245,7 @@ impl Server {
                 }),
                 dash,
                 flow_retention,
+                gateway: front,
             },
         })
     }
@@ -222,6 +281,24 @@ impl Server {
         self.edge_addr
     }
 
+    /// The address the fetch gateway's listener is bound to, if it runs.
+    pub fn gateway_addr(&self) -> Option<SocketAddr> {
+        self.gateway.as_ref().map(|g| g.addr)
+    }
+
+    /// The fetch gateway, if it runs (to watch its account snapshots).
+    pub fn gateway(&self) -> Option<Arc<trellis_edge::gateway::Gateway>> {
+        self.state.gateway.as_ref().map(|f| f.gateway.clone())
+    }
+
+    /// `SCHEME://HOST:PORT` of the fetch gateway as binding URLs name it.
+    pub fn gateway_url(&self) -> Option<String> {
+        self.state
+            .gateway
+            .as_ref()
+            .map(|f| format!("{}://{}", f.scheme, f.authority))
+    }
+
     /// The relay hub (for its counters).
     pub fn relay_hub(&self) -> Arc<RelayHub> {
         self.state.relay.hub.clone()
@@ -243,6 +320,24 @@ impl Server {
         let store = self.state.store.clone();
         let retention = flows::spawn_retention(store.clone(), self.config.flow_retention);
         let relay_policy = relay::spawn_policy_sync(self.state.clone());
+        let gateway_sync = bindings::spawn_gateway_sync(self.state.clone());
+        // The gateway runs as its own task: should it fail, the control plane
+        // keeps serving (the failure is logged when the task ends).
+        let (gateway_task, ingest) = match self.gateway {
+            None => (None, None),
+            Some(parts) => {
+                let gw = self
+                    .state
+                    .gateway
+                    .as_ref()
+                    .map(|f| f.gateway.clone())
+                    .context("the gateway's state is missing")?;
+                tracing::info!(addr = %parts.addr, tls = parts.tls.is_some(), "fetch gateway listening");
+                let ingest = bindings::spawn_request_ingest(store.clone(), parts.records);
+                let task = tokio::spawn(gw.serve(parts.listener, parts.tls));
+                (Some(task), Some(ingest))
+            }
+        };
         let app = api::router(self.state);
         tracing::info!(addr = %self.local_addr, "control plane listening");
         let edge_task = self.edge.map(|edge| {
@@ -267,6 +362,14 @@ impl Server {
         let _ = retention.await;
         relay_policy.abort();
         let _ = relay_policy.await;
+        for task in [gateway_sync, gateway_task, ingest].into_iter().flatten() {
+            task.abort();
+            if let Err(e) = task.await {
+                if e.is_panic() {
+                    tracing::error!("a gateway task had failed: {e}");
+                }
+            }
+        }
         served.context("serving HTTP")?;
         // Streams were told to close; let them record their last_seen first.
         if tokio::time::timeout(Duration::from_secs(5), hub_after.streams_ended())
@@ -316,6 +419,65 @@ fn relay_udp(edge: SocketAddr, url: &str) -> anyhow::Result<String> {
         format!("cannot tell the edge's host from the server URL {url:?}; give --public-url as scheme://host[:port]")
     })?;
     Ok(format!("{host}:{}", edge.port()))
+}
+
+/// `HOST:PORT` agents reach the gateway bound at `bound` at: the host of
+/// the public URL if given, else like the edge's UDP port (its own IP when
+/// specific, else the host of the server's URL).
+fn gateway_authority(
+    config: &Config,
+    bound: SocketAddr,
+    local_addr: SocketAddr,
+) -> anyhow::Result<String> {
+    if let Some(url) = &config.public_url {
+        let host = url_host(url).with_context(|| {
+            format!("cannot tell the gateway's host from the public URL {url:?}; give --public-url as scheme://host[:port]")
+        })?;
+        return Ok(format!("{host}:{}", bound.port()));
+    }
+    relay_udp(bound, &server_url(config, local_addr))
+}
+
+/// The gateway's TLS configuration from a PEM certificate chain and a PEM
+/// private key (ring provider).
+fn load_tls(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading the gateway certificate {}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| {
+            format!(
+                "the gateway certificate {} is not a PEM certificate chain",
+                cert.display()
+            )
+        })?;
+    if certs.is_empty() {
+        anyhow::bail!(
+            "the gateway certificate {} holds no certificate (expected PEM `-----BEGIN CERTIFICATE-----` blocks)",
+            cert.display()
+        );
+    }
+    let private = PrivateKeyDer::from_pem_file(key).with_context(|| {
+        format!(
+            "reading the gateway's private key {} (expected one PEM private key)",
+            key.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("choosing TLS versions for the gateway")?
+        .with_no_client_auth()
+        .with_single_cert(certs, private)
+        .with_context(|| {
+            format!(
+                "the gateway certificate {} and key {} do not make a usable pair",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    Ok(Arc::new(config))
 }
 
 /// Reads the relay secret at `path`, creating it (32 random bytes, 0600) if missing.
@@ -394,6 +556,90 @@ mod tests {
             "127.0.0.1:9"
         );
         assert!(relay_udp(edge("0.0.0.0:9"), "https://").is_err());
+    }
+
+    #[test]
+    fn gateway_tls_files_are_checked() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let cert = fixtures.join("gateway-cert.pem");
+        let key = fixtures.join("gateway-key.pem");
+        load_tls(&cert, &key).expect("a matching pair loads");
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = format!("{:#}", load_tls(&missing, &key).unwrap_err());
+        assert!(err.contains("missing.pem"), "{err}");
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let err = format!("{:#}", load_tls(&junk, &key).unwrap_err());
+        assert!(err.contains("holds no certificate"), "{err}");
+        let err = format!("{:#}", load_tls(&cert, &junk).unwrap_err());
+        assert!(err.contains("private key"), "{err}");
+        let other = fixtures.join("other-key.pem");
+        let err = format!("{:#}", load_tls(&cert, &other).unwrap_err());
+        assert!(err.contains("do not make a usable pair"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn gateway_url_and_listener() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let dir = tempfile::tempdir().unwrap();
+        let config = |gateway_listen, gateway_tls, public_url| Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            public_url,
+            edge_udp: None,
+            dns_suffix: DEFAULT_DNS_SUFFIX.into(),
+            flow_retention: flows::DEFAULT_FLOW_RETENTION,
+            gateway_listen,
+            gateway_tls,
+        };
+        let tls = Some((
+            fixtures.join("gateway-cert.pem"),
+            fixtures.join("gateway-key.pem"),
+        ));
+        let s = Server::start(config(
+            Some("127.0.0.1:0".parse().unwrap()),
+            tls.clone(),
+            None,
+        ))
+        .await
+        .unwrap();
+        let port = s.gateway_addr().unwrap().port();
+        assert_eq!(
+            s.gateway_url().unwrap(),
+            format!("https://127.0.0.1:{port}")
+        );
+        // The port is taken now: a second server says so.
+        let err = Server::start(config(
+            Some(s.gateway_addr().unwrap()),
+            None,
+            Some("https://edge.example.com".into()),
+        ))
+        .await
+        .err()
+        .expect("the port is taken");
+        assert!(format!("{err:#}").contains("--gateway-listen"), "{err:#}");
+        drop(s);
+        let s = Server::start(config(
+            Some("0.0.0.0:0".parse().unwrap()),
+            None,
+            Some("https://edge.example.com:9000/x".into()),
+        ))
+        .await
+        .unwrap();
+        let port = s.gateway_addr().unwrap().port();
+        assert_eq!(
+            s.gateway_url().unwrap(),
+            format!("http://edge.example.com:{port}")
+        );
+        drop(s);
+        let err = Server::start(config(None, tls, None))
+            .await
+            .err()
+            .expect("TLS without a gateway is refused");
+        assert!(format!("{err:#}").contains("--gateway-listen"), "{err:#}");
+        let s = Server::start(config(None, None, None)).await.unwrap();
+        assert!(s.gateway().is_none() && s.gateway_url().is_none());
     }
 
     #[test]

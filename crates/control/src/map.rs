@@ -97,6 +97,36 @@ pub struct AccountView {
     pub dns: Option<DnsConfig>,
     /// The account's packet filter (policy with names resolved).
     pub filter: Option<FilterSpec>,
+    /// The account's live bindings (neither revoked nor expired).
+    pub bindings: Vec<crate::bindings::Binding>,
+    /// The fetch gateway's member, a peer of every node: present when the
+    /// server runs a gateway and the account has live bindings.
+    pub gateway: Option<GatewayMember>,
+}
+
+/// The fetch gateway's member in one account, as nodes see it: a peer with
+/// id 0 named [`crate::bindings::GATEWAY_PEER_NAME`], reached over the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayMember {
+    pub public_key: NodeKey,
+    /// The gateway's own address (offset 1 of the block).
+    pub ip: Ipv4Addr,
+    /// Every live binding's address: requests come from them.
+    pub allowed_ips: Vec<Ipv4Net>,
+}
+
+impl GatewayMember {
+    pub fn peer(&self) -> Peer {
+        Peer {
+            id: 0,
+            name: crate::bindings::GATEWAY_PEER_NAME.to_string(),
+            public_key: self.public_key,
+            ip: self.ip,
+            allowed_ips: self.allowed_ips.clone(),
+            endpoints: Vec::new(),
+            online: true,
+        }
+    }
 }
 
 /// The map of node `me` in `view`. None when `me` is not among the account's
@@ -125,6 +155,10 @@ pub fn build_map(view: &AccountView, me: i64) -> Option<NetworkMap> {
         .filter(|n| n.id != me && n.account_id == account.id && !n.disabled)
         .map(|n| peer_of(n, view.online.contains(&n.id), routes_of(n.id)))
         .collect();
+    // The gateway (id 0) comes first; a disabled node does not get it either.
+    if let Some(g) = view.gateway.as_ref().filter(|_| !this.disabled) {
+        peers.push(g.peer());
+    }
     peers.sort_by_key(|p| p.id);
     Some(NetworkMap {
         self_node,
@@ -507,6 +541,8 @@ mod tests {
             routes: HashMap::new(),
             dns: None,
             filter: None,
+            bindings: Vec::new(),
+            gateway: None,
         }
     }
 
@@ -579,6 +615,39 @@ mod tests {
         let own = build(&acc, &nodes, 3, &online).unwrap();
         assert_eq!(own.self_node.id, 3, "a disabled node keeps its identity");
         assert!(own.peers.is_empty());
+    }
+
+    #[test]
+    fn the_gateway_is_peer_zero_of_enabled_nodes_only() {
+        let acc = account(1);
+        let mut nodes = vec![node(1, 1), node(2, 1)];
+        nodes[1].disabled = true;
+        let mut v = view(&acc, &nodes, &HashSet::new());
+        let before = build_map(&v, 1).unwrap();
+        let mut sent = Sent::new(&before);
+        let b: Ipv4Net = "100.64.0.9/32".parse().unwrap();
+        v.gateway = Some(GatewayMember {
+            public_key: NodeKey([9; 32]),
+            ip: "100.64.0.1".parse().unwrap(),
+            allowed_ips: vec![b],
+        });
+        let m = build_map(&v, 1).unwrap();
+        assert_eq!(m.peers[0].id, 0);
+        assert_eq!(m.peers[0].name, "gateway");
+        assert_eq!(m.peers[0].allowed_ips, [b]);
+        assert!(m.peers[0].endpoints.is_empty() && m.peers[0].online);
+        assert!(
+            build_map(&v, 2).unwrap().peers.is_empty(),
+            "disabled: no gateway either"
+        );
+        assert!(
+            matches!(sent.delta_to(&m), Some(ServerMessage::Delta { upsert, .. }) if upsert.len() == 1)
+        );
+        v.gateway = None;
+        match sent.delta_to(&build_map(&v, 1).unwrap()) {
+            Some(ServerMessage::Delta { remove, .. }) => assert_eq!(remove, [NodeKey([9; 32])]),
+            other => panic!("expected a delta, got {other:?}"),
+        }
     }
 
     #[test]

@@ -31,6 +31,7 @@ use trellis_proto::{
 
 use crate::api::{now, Admin, ApiErr, ApiJson, AppState};
 use crate::audit::{self, action};
+use crate::bindings::Binding;
 use crate::store::{Account, Node, Store, StoreError, StoreResult};
 
 /// Author of the versions the server writes itself (version 1).
@@ -196,9 +197,9 @@ impl Store {
     }
 }
 
-/// What policies resolve names against: the account's nodes with their tags.
-/// Bindings are not stored yet, so none resolve.
-pub fn directory_of(nodes: &[Node]) -> Directory {
+/// What policies resolve names against: the account's nodes and its live
+/// bindings (see [`Store::live_bindings`]), with their tags.
+pub fn directory_of(nodes: &[Node], bindings: &[Binding]) -> Directory {
     Directory {
         nodes: nodes
             .iter()
@@ -208,8 +209,25 @@ pub fn directory_of(nodes: &[Node]) -> Directory {
                 tags: n.tags.clone(),
             })
             .collect(),
-        bindings: Vec::new(),
+        bindings: bindings
+            .iter()
+            .map(|b| Member {
+                name: b.name.clone(),
+                ip: b.ip,
+                tags: b.tags.clone(),
+            })
+            .collect(),
     }
+}
+
+/// The directory of `account` now: `nodes` and its live bindings.
+pub async fn directory_now(
+    store: &Store,
+    account: &Account,
+    nodes: &[Node],
+) -> StoreResult<Directory> {
+    let bindings = store.live_bindings(account.id, now()).await?;
+    Ok(directory_of(nodes, &bindings))
 }
 
 /// The filter the account's nodes enforce, and the version it comes from:
@@ -221,8 +239,19 @@ pub async fn effective_filter(
     account: &Account,
     nodes: &[Node],
 ) -> StoreResult<Option<(i64, FilterSpec)>> {
+    let bindings = store.live_bindings(account.id, now()).await?;
+    effective_filter_with(store, account, nodes, &bindings).await
+}
+
+/// [`effective_filter`] with the account's live bindings already loaded.
+pub async fn effective_filter_with(
+    store: &Store,
+    account: &Account,
+    nodes: &[Node],
+    bindings: &[Binding],
+) -> StoreResult<Option<(i64, FilterSpec)>> {
     let current = store.current_policy(account.id).await?;
-    let dir = directory_of(nodes);
+    let dir = directory_of(nodes, bindings);
     match trellis_policy::parse(&current.text) {
         Ok(p) => return Ok(Some((current.version, trellis_policy::resolve(&p, &dir).0))),
         Err(errors) => log_unparsable(account, current.version, &errors),
@@ -358,7 +387,8 @@ pub(crate) async fn apply(
         tracing::info!(account = %admin.account.name, version = stored.version, actor = %admin.actor, "policy changed");
     }
     let nodes = st.store.list_nodes(admin.account.id).await?;
-    let (_, warnings) = trellis_policy::resolve(policy, &directory_of(&nodes));
+    let dir = directory_now(&st.store, &admin.account, &nodes).await?;
+    let (_, warnings) = trellis_policy::resolve(policy, &dir);
     Ok(SetPolicyResponse {
         version: stored.version,
         changed: stored.changed,
@@ -563,7 +593,7 @@ pub(crate) async fn decide(
     let (proto, port) =
         parse_probe_port(&req.port).map_err(|e| ApiErr::new(StatusCode::BAD_REQUEST, e))?;
     let nodes = st.store.list_nodes(account.id).await?;
-    let dir = directory_of(&nodes);
+    let dir = directory_now(&st.store, account, &nodes).await?;
     let from_ip = probe_addr(&dir, account, &req.from, true)?;
     let to_ip = probe_addr(&dir, account, &req.to, false)?;
     let (version, spec) = effective_filter(&st.store, account, &nodes)

@@ -780,6 +780,7 @@ impl Store {
                 .map_err(|_| StoreError::Corrupt(format!("a node has ip {ip:?}")))?;
             used.insert(ip);
         }
+        used.extend(binding_ips(&mut tx, account.id).await?);
         // A single-label extra record would answer for the same name.
         let records: Vec<String> = sqlx::query_scalar(
             "SELECT name FROM dns_records WHERE account_id = ? AND instr(name, '.') = 0",
@@ -791,7 +792,7 @@ impl Store {
         let name = unique_name(&base, &names);
         let ip = lowest_free_ip(&account.cidr, &used).ok_or_else(|| {
             StoreError::Conflict(format!(
-                "account {:?} has no free address left in {} ({} nodes); delete unused nodes with `trellis nodes delete`",
+                "account {:?} has no free address left in {} ({} in use by nodes and bindings); delete unused nodes with `trellis nodes delete`",
                 account.name,
                 account.cidr,
                 used.len()
@@ -1376,6 +1377,43 @@ impl Store {
         node.tags = clean;
         Ok((node, true))
     }
+}
+
+/// Every address the account's bindings hold or held (revoked ones
+/// included: an address is never handed out twice).
+pub(crate) async fn binding_ips(
+    conn: &mut sqlx::SqliteConnection,
+    account_id: i64,
+) -> StoreResult<HashSet<Ipv4Addr>> {
+    let rows: Vec<String> = sqlx::query_scalar("SELECT ip FROM bindings WHERE account_id = ?")
+        .bind(account_id)
+        .fetch_all(conn)
+        .await?;
+    rows.iter()
+        .map(|ip| {
+            ip.parse()
+                .map_err(|_| StoreError::Corrupt(format!("a binding has ip {ip:?}")))
+        })
+        .collect()
+}
+
+/// Every address the account's nodes and bindings hold (see [`binding_ips`]).
+pub(crate) async fn used_ips(
+    conn: &mut sqlx::SqliteConnection,
+    account_id: i64,
+) -> StoreResult<HashSet<Ipv4Addr>> {
+    let rows: Vec<String> = sqlx::query_scalar("SELECT ip FROM nodes WHERE account_id = ?")
+        .bind(account_id)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut used = binding_ips(conn, account_id).await?;
+    for ip in rows {
+        used.insert(
+            ip.parse()
+                .map_err(|_| StoreError::Corrupt(format!("a node has ip {ip:?}")))?,
+        );
+    }
+    Ok(used)
 }
 
 /// The node called `name` in `account`, or a NotFound that says so.

@@ -174,10 +174,16 @@ pub async fn account_view(
         .collect();
     let primaries = state.hub.primaries(account.id, &approved, &usable);
     let dns = dns_config(&account, &nodes, &records, &state.dns_suffix);
-    let filter = crate::policy::effective_filter(&state.store, &account, &nodes)
+    let bindings = state
+        .store
+        .live_bindings(account.id, now())
+        .await
+        .context("loading the account's bindings")?;
+    let filter = crate::policy::effective_filter_with(&state.store, &account, &nodes, &bindings)
         .await
         .context("loading the account's policy")?
         .map(|(_, spec)| spec);
+    let gateway = crate::bindings::gateway_member(state.gateway.as_deref(), &account, &bindings);
     Ok(Some(AccountView {
         account,
         nodes,
@@ -185,6 +191,8 @@ pub async fn account_view(
         routes: routes_by_node(&primaries),
         dns: Some(dns),
         filter,
+        bindings,
+        gateway,
     }))
 }
 

@@ -44,6 +44,8 @@ impl Running {
             edge_udp: Some("127.0.0.1:0".parse().unwrap()),
             dns_suffix: "mesh".into(),
             flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
+            gateway_listen: None,
+            gateway_tls: None,
         })
         .await
         .unwrap();
@@ -1962,6 +1964,8 @@ async fn mesh_endpoints_are_in_the_openapi_document_and_a_bad_suffix_is_refused(
         edge_udp: None,
         dns_suffix: "Not A Suffix".into(),
         flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
+        gateway_listen: None,
+        gateway_tls: None,
     })
     .await
     .err()

@@ -45,6 +45,8 @@ impl Running {
             edge_udp: None,
             dns_suffix: "mesh".into(),
             flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
+            gateway_listen: None,
+            gateway_tls: None,
         })
         .await
         .unwrap();

@@ -45,6 +45,8 @@ impl Running {
             edge_udp: None,
             dns_suffix: "mesh".into(),
             flow_retention,
+            gateway_listen: None,
+            gateway_tls: None,
         })
         .await
         .unwrap();
@@ -648,6 +650,8 @@ async fn retention_deletes_records_that_ended_too_long_ago() {
         edge_udp: None,
         dns_suffix: "mesh".into(),
         flow_retention: Duration::ZERO,
+        gateway_listen: None,
+        gateway_tls: None,
     })
     .await
     .err()

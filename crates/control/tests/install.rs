@@ -74,6 +74,8 @@ async fn install_script_downloads_the_binary_and_starts_the_agent_detached() {
         edge_udp: None,
         dns_suffix: "mesh".into(),
         flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
+        gateway_listen: None,
+        gateway_tls: None,
     })
     .await
     .unwrap();

@@ -16,9 +16,11 @@ pub use trellis_policy::FilterSpec;
 use utoipa::ToSchema;
 
 pub mod admin_policy;
+pub mod bindings;
 pub mod frames;
 pub mod logs;
-pub use logs::{FlowLogPage, FlowLogRecord, TrafficSummary};
+pub use bindings::{BindingInfo, CreateBindingRequest, CreateBindingResponse};
+pub use logs::{FlowLogPage, FlowLogRecord, RequestLogPage, RequestLogRecord, TrafficSummary};
 
 pub use admin_policy::*;
 

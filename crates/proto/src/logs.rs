@@ -76,3 +76,54 @@ pub struct TrafficSummary {
     /// Denied attempts.
     pub denied: u64,
 }
+
+/// One request through the fetch gateway, as `GET /api/v1/logs/requests`
+/// returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RequestLogRecord {
+    /// Increasing with arrival at the control plane; the pagination cursor.
+    pub id: i64,
+    /// The binding's name (as presented when no binding matched).
+    pub binding: String,
+    /// Unix milliseconds the request arrived.
+    pub start_ms: i64,
+    pub duration_ms: i64,
+    /// `proxy`, `connect`, `fetch` (plain form) or `websocket`.
+    pub form: String,
+    /// The HTTP method; `CONNECT` for tunnels.
+    pub method: String,
+    /// `host:port` as asked.
+    pub target: String,
+    /// The address the target resolved to.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub dst_ip: Option<Ipv4Addr>,
+    pub dst_port: u16,
+    /// The node that owns `dst_ip`.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// The path without its query string (absent for CONNECT).
+    #[serde(default)]
+    pub path: Option<String>,
+    pub status: u16,
+    /// Bytes from the agent to the target, and back.
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// `allow` or `deny`.
+    pub decision: String,
+    /// The rule that decided; absent when the policy's default did.
+    #[serde(default)]
+    pub rule: Option<String>,
+    /// The gateway's error code, when it produced an error (see docs/gateway.md).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// One page of `GET /api/v1/logs/requests`, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RequestLogPage {
+    pub records: Vec<RequestLogRecord>,
+    /// Pass as `before_id` for the next (older) page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_before_id: Option<i64>,
+}

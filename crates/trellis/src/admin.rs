@@ -14,8 +14,8 @@ use trellis_proto::{
 };
 
 use crate::{
-    AccountCmd, AdminOpts, AdminsCmd, DnsCmd, FlowsArgs, KeysCmd, LogsCmd, NodesCmd, PolicyCmd,
-    RoutesCmd, TokenCmd,
+    AccountCmd, AdminOpts, AdminsCmd, BindingCmd, DnsCmd, FlowsArgs, KeysCmd, LogsCmd, NodesCmd,
+    PolicyCmd, RoutesCmd, TokenCmd,
 };
 
 const DEFAULT_KEY_FILE: &str = "trellis-data/admin.key";
@@ -767,7 +767,151 @@ pub async fn logs(opts: &AdminOpts, cmd: LogsCmd) -> anyhow::Result<()> {
     match cmd {
         LogsCmd::Flows(args) => flows(&c, &args, &mut std::io::stdout()).await,
         LogsCmd::Audit { since, limit, json } => audit_log(&c, since, limit, json).await,
+        LogsCmd::Requests {
+            binding,
+            since,
+            limit,
+            json,
+        } => requests_log(&c, binding, since, limit, json, &mut std::io::stdout()).await,
     }
+}
+
+pub async fn binding(opts: &AdminOpts, cmd: BindingCmd) -> anyhow::Result<()> {
+    let c = Client::new(opts)?;
+    match cmd {
+        BindingCmd::Create { name, tags, ttl } => {
+            trellis_proto::validate_name("binding", &name).map_err(|e| anyhow!(e))?;
+            let ttl_secs = ttl.as_deref().map(parse_duration).transpose()?;
+            let r: trellis_proto::CreateBindingResponse = c
+                .post(
+                    "/bindings",
+                    &trellis_proto::CreateBindingRequest {
+                        name,
+                        tags,
+                        ttl_secs,
+                    },
+                )
+                .await?;
+            eprintln!(
+                "binding {} ({}) created{}; its URL below is shown only this once — use it as a proxy (HTTP_PROXY/HTTPS_PROXY) or see docs/gateway.md",
+                r.binding.name,
+                r.binding.ip,
+                match r.binding.expires_at {
+                    Some(t) => format!(", expires {}", trellis_control::store::rfc3339(t)),
+                    None => String::new(),
+                }
+            );
+            println!("{}", r.url);
+        }
+        BindingCmd::List { json } => {
+            let v: Vec<trellis_proto::BindingInfo> = c.get("/bindings").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            if v.is_empty() {
+                eprintln!("no bindings (create one with `trellis binding create NAME`)");
+                return Ok(());
+            }
+            let now = unix_now();
+            println!(
+                "{:<24} {:<16} {:<8} {:>8} {:<22} {:<22} TAGS",
+                "NAME", "IP", "STATE", "REQUESTS", "LAST USED", "EXPIRES"
+            );
+            for b in v {
+                let when = |t: Option<i64>, none: &str| {
+                    t.map(trellis_control::store::rfc3339)
+                        .unwrap_or_else(|| none.to_string())
+                };
+                println!(
+                    "{:<24} {:<16} {:<8} {:>8} {:<22} {:<22} {}",
+                    b.name,
+                    b.ip.to_string(),
+                    b.state(now),
+                    b.requests,
+                    when(b.last_used_at, "never"),
+                    when(b.expires_at, "never"),
+                    b.tags.join(",")
+                );
+            }
+        }
+        BindingCmd::Revoke { name } => {
+            trellis_proto::validate_name("binding", &name).map_err(|e| anyhow!(e))?;
+            c.delete(&format!("/bindings/{name}")).await?;
+            eprintln!("binding {name} revoked: the gateway refuses it from now on and closes its open streams");
+        }
+    }
+    Ok(())
+}
+
+async fn requests_log(
+    c: &Client,
+    binding: Option<String>,
+    since: Option<String>,
+    limit: u32,
+    json: bool,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    if !(1..=1000).contains(&limit) {
+        bail!("invalid --limit {limit}: give a number from 1 to 1000");
+    }
+    let mut path = format!("/logs/requests?limit={limit}");
+    if let Some(b) = &binding {
+        trellis_proto::validate_name("binding", b)
+            .map_err(|e| anyhow!("invalid --binding: {e}"))?;
+        path.push_str(&format!("&binding={b}"));
+    }
+    if let Some(s) = &since {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            bail!("invalid --since {s:?}: give a time ago such as 10m, 2h or 7d, or unix seconds");
+        }
+        path.push_str(&format!("&since={s}"));
+    }
+    let page: trellis_proto::RequestLogPage = c.get(&path).await?;
+    if json {
+        for r in page.records.iter().rev() {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+        return Ok(());
+    }
+    if page.records.is_empty() {
+        eprintln!("no request records match");
+        return Ok(());
+    }
+    writeln!(out, "{}", request_header())?;
+    // Oldest first, like a log.
+    for r in page.records.iter().rev() {
+        writeln!(out, "{}", request_line(r))?;
+    }
+    Ok(())
+}
+
+fn request_header() -> String {
+    format!(
+        "{:<24} {:<20} {:<7} {:<28} {:<24} {:>6} {:>15} {:>8} DECISION",
+        "TIME", "BINDING", "METHOD", "TARGET", "PATH", "STATUS", "BYTES UP/DOWN", "DURATION"
+    )
+}
+
+fn request_line(r: &trellis_proto::RequestLogRecord) -> String {
+    let decision = match (&r.rule, &r.error) {
+        (Some(rule), Some(e)) => format!("{} {rule} ({e})", r.decision),
+        (Some(rule), None) => format!("{} {rule}", r.decision),
+        (None, Some(e)) => format!("{} (default) ({e})", r.decision),
+        (None, None) => format!("{} (default)", r.decision),
+    };
+    format!(
+        "{:<24} {:<20} {:<7} {:<28} {:<24} {:>6} {:>15} {:>8} {}",
+        rfc3339_ms(r.start_ms),
+        r.binding,
+        r.method,
+        r.target,
+        r.path.as_deref().unwrap_or("-"),
+        r.status,
+        format!("{}/{}", human_bytes(r.bytes_up), human_bytes(r.bytes_down)),
+        format!("{}ms", r.duration_ms),
+        decision
+    )
 }
 
 /// The query string of `args`' filters (checked here, so nothing needs escaping).
@@ -979,6 +1123,8 @@ mod tests {
             edge_udp: None,
             dns_suffix: "corp".into(),
             flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
+            gateway_listen: None,
+            gateway_tls: None,
         })
         .await
         .unwrap();
@@ -1167,6 +1313,8 @@ mod tests {
             edge_udp: None,
             dns_suffix: "mesh".into(),
             flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
+            gateway_listen: None,
+            gateway_tls: None,
         })
         .await
         .unwrap();
@@ -1405,5 +1553,151 @@ mod tests {
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    /// `trellis binding create/list/revoke` and `trellis logs requests`
+    /// against a real control plane running a gateway.
+    #[tokio::test]
+    async fn binding_commands_map_to_the_api() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = trellis_control::Server::start(trellis_control::Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            public_url: None,
+            edge_udp: None,
+            dns_suffix: "mesh".into(),
+            flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
+            gateway_listen: Some("127.0.0.1:0".parse().unwrap()),
+            gateway_tls: None,
+        })
+        .await
+        .unwrap();
+        let url = server.url();
+        let gw = server.gateway().unwrap();
+        let key = std::fs::read_to_string(server.admin_key_path()).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async move {
+            let _ = stopped.await;
+        }));
+        let opts = AdminOpts {
+            server: url,
+            api_key: Some(key),
+            account: None,
+        };
+        let c = Client::new(&opts).unwrap();
+
+        binding(
+            &opts,
+            BindingCmd::Create {
+                name: "ci".into(),
+                tags: vec!["agents".into()],
+                ttl: Some("30d".into()),
+            },
+        )
+        .await
+        .unwrap();
+        let v: Vec<trellis_proto::BindingInfo> = c.get("/bindings").await.unwrap();
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].tags, ["agents"]);
+        let ttl = v[0].expires_at.unwrap() - v[0].created_at;
+        assert!((ttl - 30 * 86_400).abs() <= 1, "{ttl}");
+        let e = binding(
+            &opts,
+            BindingCmd::Create {
+                name: "ci".into(),
+                tags: vec![],
+                ttl: Some("1w".into()),
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("invalid duration"), "{e}");
+        let e = binding(
+            &opts,
+            BindingCmd::Create {
+                name: "ci".into(),
+                tags: vec![],
+                ttl: None,
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("409"), "{e}");
+        binding(&opts, BindingCmd::List { json: false })
+            .await
+            .unwrap();
+
+        gw.record(trellis_edge::gateway::RequestRecord {
+            account_id: 1,
+            binding_id: Some(1),
+            binding: "ci".into(),
+            start_ms: 1_700_000_000_000,
+            duration_ms: 12,
+            form: "connect".into(),
+            method: "CONNECT".into(),
+            target: "db.default.mesh:5432".into(),
+            dst_ip: Some("100.64.0.3".parse().unwrap()),
+            dst_port: 5432,
+            node: Some("db".into()),
+            path: None,
+            status: 200,
+            bytes_up: 3000,
+            bytes_down: 10,
+            decision: "allow".into(),
+            rule: Some("ci-db".into()),
+            error: None,
+        });
+        let mut out = Vec::new();
+        for _ in 0..40 {
+            out.clear();
+            requests_log(&c, Some("ci".into()), None, 10, false, &mut out)
+                .await
+                .unwrap();
+            if !out.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with("TIME"), "{text}");
+        for word in [
+            "2023-11-14T22:13:20.000Z",
+            "ci",
+            "CONNECT",
+            "db.default.mesh:5432",
+            " - ",
+            "200",
+            "2.9K/10B",
+            "12ms",
+            "allow ci-db",
+        ] {
+            assert!(lines[1].contains(word), "{word:?} in {text}");
+        }
+        let mut json = Vec::new();
+        requests_log(&c, None, Some("10m".into()), 10, true, &mut json)
+            .await
+            .unwrap();
+        assert!(json.is_empty(), "the record is from 2023");
+        assert!(
+            requests_log(&c, Some("Bad".into()), None, 10, false, &mut json)
+                .await
+                .is_err()
+        );
+
+        binding(&opts, BindingCmd::Revoke { name: "ci".into() })
+            .await
+            .unwrap();
+        let v: Vec<trellis_proto::BindingInfo> = c.get("/bindings").await.unwrap();
+        assert!(v[0].revoked_at.is_some());
+        assert_eq!(v[0].requests, 1);
+        let e = binding(&opts, BindingCmd::Revoke { name: "ci".into() })
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("404"), "{e}");
+
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
     }
 }

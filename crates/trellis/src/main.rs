@@ -58,9 +58,18 @@ enum Cmd {
         /// Suffix of the names nodes resolve: NODE.ACCOUNT.SUFFIX.
         #[arg(long, default_value = trellis_control::DEFAULT_DNS_SUFFIX)]
         dns_suffix: String,
-        /// How long flow logs are kept, e.g. 30d, 12h, 10m.
+        /// How long flow logs (and the gateway's request logs) are kept, e.g. 30d, 12h, 10m.
         #[arg(long, default_value = "30d", value_parser = trellis_control::flows::parse_duration)]
         flow_retention: std::time::Duration,
+        /// TCP address of the fetch gateway that bindings use (`off` runs none).
+        #[arg(long, default_value = trellis_control::DEFAULT_GATEWAY_LISTEN, value_parser = parse_gateway_listen)]
+        gateway_listen: GatewayListen,
+        /// PEM certificate chain of the gateway (serves https; needs --gateway-tls-key).
+        #[arg(long, requires = "gateway_tls_key")]
+        gateway_tls_cert: Option<PathBuf>,
+        /// PEM private key of the gateway's certificate.
+        #[arg(long, requires = "gateway_tls_cert")]
+        gateway_tls_key: Option<PathBuf>,
     },
     /// Enroll this machine (first run, with --token) and run the node agent in the foreground.
     Join {
@@ -169,6 +178,14 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminOpts,
     },
+    /// Bindings: one URL that lets code without a VPN client (agents,
+    /// serverless functions, CI jobs) reach the network through the gateway.
+    Binding {
+        #[command(subcommand)]
+        cmd: BindingCmd,
+        #[command(flatten)]
+        admin: AdminOpts,
+    },
     /// Logs of the account.
     Logs {
         #[command(subcommand)]
@@ -212,10 +229,63 @@ pub enum PolicyCmd {
     Restore { version: i64 },
 }
 
+/// `--gateway-listen`: an address, or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatewayListen(pub Option<SocketAddr>);
+
+fn parse_gateway_listen(s: &str) -> Result<GatewayListen, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(GatewayListen(None));
+    }
+    s.trim()
+        .parse()
+        .map(|a| GatewayListen(Some(a)))
+        .map_err(|_| {
+            format!("invalid gateway address {s:?}: give ADDR:PORT such as 0.0.0.0:8443, or off")
+        })
+}
+
+#[derive(Subcommand)]
+pub enum BindingCmd {
+    /// Create a binding; prints its URL alone on stdout (shown once), e.g.
+    /// `MESH=$(trellis binding create ci-runner --tag agents --ttl 30d)`.
+    Create {
+        name: String,
+        /// Tags policies can name it by (tag:T); repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Lifetime, e.g. 12h, 30d (default: never expires).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// List the bindings with their address, tags, state and usage.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a binding: the gateway refuses it within a second and closes its open streams.
+    Revoke { name: String },
+}
+
 #[derive(Subcommand)]
 pub enum LogsCmd {
     /// Connections the nodes saw (allowed and denied), oldest first.
     Flows(FlowsArgs),
+    /// Requests through the fetch gateway, oldest first.
+    Requests {
+        /// Only requests of this binding.
+        #[arg(long)]
+        binding: Option<String>,
+        /// Only requests this recent, e.g. 10m, 2h, 7d (or unix seconds).
+        #[arg(long)]
+        since: Option<String>,
+        /// How many of the newest matching records to show (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// JSON lines, one record per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Every admin change: who, when, what (append-only).
     Audit {
         /// Only entries this recent, e.g. 10m, 2h, 7d (or unix seconds).
@@ -405,23 +475,8 @@ async fn shutdown_signal() {
     }
 }
 
-async fn run_server(
-    data_dir: PathBuf,
-    listen: SocketAddr,
-    edge_udp: SocketAddr,
-    public_url: Option<String>,
-    dns_suffix: String,
-    flow_retention: std::time::Duration,
-) -> anyhow::Result<()> {
-    let server = trellis_control::Server::start(trellis_control::Config {
-        data_dir: data_dir.clone(),
-        listen,
-        public_url,
-        edge_udp: Some(edge_udp),
-        dns_suffix,
-        flow_retention,
-    })
-    .await?;
+async fn run_server(config: trellis_control::Config) -> anyhow::Result<()> {
+    let server = trellis_control::Server::start(config).await?;
     let edge_addr = server
         .edge_udp_addr()
         .map(|a| a.to_string())
@@ -431,6 +486,10 @@ async fn run_server(
     println!("{}", server.dashboard_line());
     println!("  API:            {url}/api/v1 (OpenAPI: {url}/api/v1/openapi.json)");
     println!("  Edge UDP:       {edge_addr} (endpoint discovery and relay; TCP relay at {url}/api/v1/relay)");
+    match server.gateway_url() {
+        Some(g) => println!("  Fetch gateway:  {g} (bindings: `trellis binding create NAME`)"),
+        None => println!("  Fetch gateway:  off (start with --gateway-listen ADDR for bindings)"),
+    }
     println!("  Operator key:   {}", server.admin_key_path().display());
     println!("Add a machine:");
     println!(
@@ -456,15 +515,20 @@ async fn main() -> ExitCode {
             public_url,
             dns_suffix,
             flow_retention,
+            gateway_listen,
+            gateway_tls_cert,
+            gateway_tls_key,
         } => {
-            run_server(
+            run_server(trellis_control::Config {
                 data_dir,
                 listen,
-                edge_udp,
                 public_url,
+                edge_udp: Some(edge_udp),
                 dns_suffix,
                 flow_retention,
-            )
+                gateway_listen: gateway_listen.0,
+                gateway_tls: gateway_tls_cert.zip(gateway_tls_key),
+            })
             .await
         }
         Cmd::Join {
@@ -512,6 +576,7 @@ async fn main() -> ExitCode {
         Cmd::Dns { cmd, admin } => admin::dns(&admin, cmd).await,
         Cmd::Policy { cmd, admin } => admin::policy(&admin, cmd).await,
         Cmd::Logs { cmd, admin } => admin::logs(&admin, cmd).await,
+        Cmd::Binding { cmd, admin } => admin::binding(&admin, cmd).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -671,6 +736,30 @@ mod tests {
             &["trellis", "policy", "history"],
             &["trellis", "policy", "restore", "3"],
             &["trellis", "logs", "audit", "--since", "10m", "--json"],
+            &[
+                "trellis", "binding", "create", "ci", "--tag", "a", "--tag", "b", "--ttl", "30d",
+            ],
+            &["trellis", "binding", "list", "--json"],
+            &["trellis", "binding", "revoke", "ci"],
+            &[
+                "trellis",
+                "logs",
+                "requests",
+                "--binding",
+                "ci",
+                "--limit",
+                "5",
+                "--json",
+            ],
+            &["trellis", "server", "--gateway-listen", "off"],
+            &[
+                "trellis",
+                "server",
+                "--gateway-tls-cert",
+                "c.pem",
+                "--gateway-tls-key",
+                "k.pem",
+            ],
         ] {
             assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
         }
@@ -699,11 +788,36 @@ mod tests {
             &["trellis", "token", "revoke", "abc"],
             &["trellis", "policy", "restore"],
             &["trellis", "policy", "test", "--from", "a", "--to", "b"],
+            &["trellis", "binding", "create"],
+            &["trellis", "server", "--gateway-listen", "8443"],
+            &["trellis", "server", "--gateway-tls-cert", "c.pem"],
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }
         assert!(parse_routes(&["nope".into()]).is_err());
         assert!(parse_routes(&[String::new()]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn gateway_flags() {
+        let listen = |args: &[&str]| match Cli::try_parse_from(args) {
+            Ok(Cli {
+                cmd: Cmd::Server { gateway_listen, .. },
+            }) => gateway_listen.0,
+            _ => panic!("{args:?} did not parse"),
+        };
+        assert_eq!(
+            listen(&["trellis", "server"]),
+            Some("0.0.0.0:8443".parse().unwrap())
+        );
+        assert_eq!(
+            listen(&["trellis", "server", "--gateway-listen", "off"]),
+            None
+        );
+        assert_eq!(
+            listen(&["trellis", "server", "--gateway-listen", "127.0.0.1:9443"]),
+            Some("127.0.0.1:9443".parse().unwrap())
+        );
     }
 
     #[test]

@@ -21,6 +21,12 @@ pub const PASSWORD: &str = "correct horse battery";
 
 pub struct Running {
     pub url: String,
+    /// The SQLite file.
+    pub db: std::path::PathBuf,
+    /// The fetch gateway, when the server runs one.
+    pub gateway: Option<std::sync::Arc<trellis_edge::gateway::Gateway>>,
+    /// `SCHEME://HOST:PORT` of the gateway.
+    pub gateway_url: Option<String>,
     pub setup_url: Option<String>,
     pub line: String,
     pub operator: String,
@@ -30,17 +36,26 @@ pub struct Running {
 
 impl Running {
     pub async fn start(dir: &Path) -> Running {
-        let server = Server::start(Config {
+        Running::start_with(dir, |_| {}).await
+    }
+
+    /// Starts a server whose configuration `tweak` adjusts first.
+    pub async fn start_with(dir: &Path, tweak: impl FnOnce(&mut Config)) -> Running {
+        let mut config = Config {
             data_dir: dir.to_path_buf(),
             listen: "127.0.0.1:0".parse().unwrap(),
             public_url: None,
             edge_udp: None,
             dns_suffix: "mesh".into(),
             flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
-        })
-        .await
-        .unwrap();
+            gateway_listen: None,
+            gateway_tls: None,
+        };
+        tweak(&mut config);
+        let server = Server::start(config).await.unwrap();
         let url = server.url();
+        let gateway = server.gateway();
+        let gateway_url = server.gateway_url();
         let setup_url = server.setup_url();
         let line = server.dashboard_line();
         let operator = std::fs::read_to_string(server.admin_key_path())
@@ -53,6 +68,9 @@ impl Running {
         }));
         Running {
             url,
+            db: dir.join(trellis_control::DB_FILE),
+            gateway,
+            gateway_url,
             setup_url,
             line,
             operator,
@@ -109,6 +127,38 @@ impl Running {
         resp.json().await.unwrap()
     }
 
+    /// Connects a fake node's control stream with its node secret, says
+    /// hello, and returns the stream and its first map.
+    pub async fn connect(&self, secret: &str) -> (Ws, trellis_proto::NetworkMap) {
+        use futures_util::SinkExt;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!(
+            "{}/api/v1/node/stream",
+            self.url.replacen("http://", "ws://", 1)
+        );
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {secret}").parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let hello = trellis_proto::NodeMessage::Hello {
+            listen_port: 51820,
+            local_addrs: vec!["198.18.0.10".parse().unwrap()],
+            reflexive: None,
+            advertise_routes: Vec::new(),
+            os: "linux".into(),
+            version: "test".into(),
+        };
+        ws.send(WsMessage::Text(
+            serde_json::to_string(&hello).unwrap().into(),
+        ))
+        .await
+        .unwrap();
+        match next_msg(&mut ws, Duration::from_secs(2)).await {
+            trellis_proto::ServerMessage::Map(m) => (ws, m),
+            other => panic!("expected the map first, got {other:?}"),
+        }
+    }
+
     /// Creates the first admin through the setup link; returns the logged-in browser.
     pub async fn setup_admin(&self) -> Browser {
         let b = Browser::new();
@@ -139,6 +189,29 @@ impl Running {
         let resp = b.login(self, email, password).await;
         assert_eq!(resp.status(), StatusCode::SEE_OTHER, "login of {email}");
         b
+    }
+}
+
+/// A fake node's control stream.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+/// The next message the server sends on a control stream, within `within`.
+pub async fn next_msg(ws: &mut Ws, within: Duration) -> trellis_proto::ServerMessage {
+    use futures_util::StreamExt;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("a server message in time")
+            .expect("stream still open")
+            .expect("no websocket error");
+        match msg {
+            WsMessage::Text(t) => return serde_json::from_str(&t).unwrap(),
+            WsMessage::Close(f) => panic!("stream closed: {f:?}"),
+            _ => {}
+        }
     }
 }
 
