@@ -396,23 +396,6 @@ impl Gateway {
         })
     }
 
-    /// What the gateway knows of an account now (the last snapshot set).
-    pub fn account(&self, id: i64) -> Option<std::sync::Arc<AccountSnapshot>> {
-        self.accounts
-            .lock()
-            .expect("gateway lock")
-            .get(&id)
-            .cloned()
-    }
-
-    /// Queues a request record for the control plane's request log; dropped
-    /// when [`RECORD_QUEUE`] records already wait.
-    pub fn record(&self, r: RequestRecord) {
-        if self.records.try_send(r).is_err() {
-            tracing::debug!("request log queue full or closed; a record was dropped");
-        }
-    }
-
     /// Serves agents on `listener` (TLS when `tls` is given) until dropped.
     pub async fn serve(
         self: Arc<Self>,
