@@ -494,11 +494,14 @@ impl State {
                 w.wake();
             }
         }
-        // Best effort: tell the peers.
+        // Best effort: tell the peers (not when the task is unwinding from
+        // a panic: the interface may be what panicked).
         self.dev.tx_blocked = false;
         let now = self.now();
         for _ in 0..4 {
-            if self.iface.poll(now, &mut self.dev, &mut self.sockets) == PollResult::None {
+            if std::thread::panicking()
+                || self.iface.poll(now, &mut self.dev, &mut self.sockets) == PollResult::None
+            {
                 break;
             }
         }
@@ -506,6 +509,8 @@ impl State {
         self.listeners.clear();
         self.orphans.clear();
         self.sockets = SocketSet::new(Vec::new());
+        self.dev.out = None;
+        self.dev.rx.clear();
     }
 }
 
@@ -513,7 +518,8 @@ impl State {
 /// to the outbound channel.
 struct Dev {
     rx: VecDeque<Vec<u8>>,
-    out: mpsc::Sender<Vec<u8>>,
+    /// `None` once the stack stopped (the member's receiver then ends).
+    out: Option<mpsc::Sender<Vec<u8>>>,
     mtu: usize,
     /// The last transmit found the outbound channel full.
     tx_blocked: bool,
@@ -556,15 +562,16 @@ impl phy::Device for Dev {
         _timestamp: smoltcp::time::Instant,
     ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         let packet = self.rx.pop_front()?;
-        Some((RxToken(packet), TxToken(&self.out)))
+        Some((RxToken(packet), TxToken(self.out.as_ref()?)))
     }
 
     fn transmit(&mut self, _timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
-        if self.out.capacity() == 0 {
+        let out = self.out.as_ref()?;
+        if out.capacity() == 0 {
             self.tx_blocked = true;
             return None;
         }
-        Some(TxToken(&self.out))
+        Some(TxToken(out))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -598,6 +605,15 @@ async fn run_task(
     mut inbound: mpsc::Receiver<Vec<u8>>,
     out: mpsc::Sender<Vec<u8>>,
 ) {
+    /// Stops the stack however the task ends, also by a panic, so that
+    /// streams fail instead of waiting forever.
+    struct StopOnExit(Arc<Shared>);
+    impl Drop for StopOnExit {
+        fn drop(&mut self) {
+            self.0.lock().stop();
+        }
+    }
+    let _stop = StopOnExit(shared.clone());
     loop {
         let (delay, tx_blocked) = {
             let mut st = shared.lock();
@@ -638,7 +654,6 @@ async fn run_task(
             _ = room => {}
         }
     }
-    shared.lock().stop();
 }
 
 impl NetStack {
@@ -654,7 +669,7 @@ impl NetStack {
         let seed = random_seed();
         let mut dev = Dev {
             rx: VecDeque::new(),
-            out: outbound.clone(),
+            out: Some(outbound.clone()),
             mtu,
             tx_blocked: false,
         };
@@ -1510,7 +1525,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_stack_fails_pending_reads() {
         let p = pair();
-        let (mut c, _s, _l) = connected(&p, 6379).await;
+        let (mut c, mut s, _l) = connected(&p, 6379).await;
         let reader = tokio::spawn(async move {
             let mut buf = [0u8; 16];
             c.read(&mut buf).await
@@ -1521,7 +1536,56 @@ mod tests {
         drop(a);
         let err = within("pending read", reader).await.unwrap().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted, "{err}");
+        // On its way out the stack reset its connections.
+        let mut buf = [0u8; 16];
+        let err = within("peer read", s.read(&mut buf)).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
         drop(b);
+    }
+
+    #[tokio::test]
+    async fn many_addresses_and_destinations_outside_the_overlay_block() {
+        let p = pair();
+        // More addresses than smoltcp's interface holds, one of them outside
+        // 100.64.0.0/10 (a subnet routed behind a node).
+        let mut addrs: Vec<Ipv4Addr> = (10..30).map(|i| Ipv4Addr::new(100, 64, 1, i)).collect();
+        let outside = Ipv4Addr::new(198, 18, 5, 1);
+        addrs.push(outside);
+        addrs.push(B);
+        p.b.set_addresses(&addrs);
+        p.a.set_addresses(&[A, Ipv4Addr::new(100, 64, 0, 200)]);
+        for (i, &dst) in [outside, Ipv4Addr::new(100, 64, 1, 29), B]
+            .iter()
+            .enumerate()
+        {
+            let l = p.b.listen(SocketAddrV4::new(dst, 80)).await.unwrap();
+            let src = if i == 1 {
+                Ipv4Addr::new(100, 64, 0, 200)
+            } else {
+                A
+            };
+            let mut c =
+                p.a.connect(src, SocketAddrV4::new(dst, 80), CONNECT_TIMEOUT)
+                    .await
+                    .unwrap();
+            let (mut s, peer) = within("accept", l.accept()).await.unwrap();
+            assert_eq!(*peer.ip(), src);
+            c.write_all(b"hi").await.unwrap();
+            let mut got = [0u8; 2];
+            s.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"hi");
+        }
+        // Addresses the stack does not own get no answer at all.
+        let err =
+            p.a.connect(
+                A,
+                SocketAddrV4::new(Ipv4Addr::new(100, 64, 1, 99), 80),
+                Duration::from_millis(300),
+            )
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
     }
 
     #[tokio::test]
