@@ -59,8 +59,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a dropped stream's socket may take to finish closing gracefully
 /// (send what is left, exchange FINs) before it is reset.
 const ORPHAN_LINGER: Duration = Duration::from_secs(30);
-/// How long a dropped stream's socket stays in TIME-WAIT: longer than
-/// smoltcp's delayed ACK (10 ms), so the peer's FIN gets its ACK.
+/// How long a dropped stream's socket stays in TIME-WAIT: long enough for
+/// the ACK of the peer's FIN to go out (even from a moment of a full outbound
+/// channel).
 const TIME_WAIT_LINGER: Duration = Duration::from_millis(100);
 /// How long an aborted socket may wait for its reset to go out.
 const CLOSED_LINGER: Duration = Duration::from_secs(5);
@@ -108,6 +109,9 @@ struct State {
     next_port: u16,
     /// Sockets whose stream was dropped (or never handed out), closing.
     orphans: Vec<SocketHandle>,
+    /// Connections to close (FIN) once all their data is acknowledged; see
+    /// [`State::close_when_drained`].
+    fin_waiting: Vec<SocketHandle>,
     listeners: HashMap<u64, ListenerState>,
     next_listener: u64,
     /// The task has ended; every stream fails.
@@ -122,6 +126,9 @@ struct Conn {
     closed_by: Option<Closer>,
     /// `poll_shutdown` was called (FIN queued).
     shutdown: bool,
+    /// The FIN waits in `State::fin_waiting` for the data before it to be
+    /// acknowledged (see [`State::close_when_drained`]).
+    fin_pending: bool,
     /// The peer's FIN was read: reads return 0 from now on.
     eof: bool,
     orphaned_at: Option<Instant>,
@@ -159,6 +166,7 @@ impl Conn {
             owns_port,
             closed_by: None,
             shutdown: false,
+            fin_pending: false,
             eof: false,
             orphaned_at: None,
             time_wait_since: None,
@@ -202,9 +210,11 @@ fn new_socket() -> tcp::Socket<'static> {
     // coalesces them; Nagle would only add a delayed-ACK wait to every
     // request/response exchange.
     sock.set_nagle_enabled(false);
+    // smoltcp acknowledges every full segment at once anyway; delaying the
+    // ACK of small ones only slows request/response exchanges and closes.
+    sock.set_ack_delay(None);
     sock.set_keep_alive(Some(KEEP_ALIVE.into()));
     sock.set_timeout(Some(IDLE_TIMEOUT.into()));
-    sock.set_congestion_control(tcp::CongestionControl::Reno);
     sock
 }
 
@@ -334,7 +344,7 @@ impl State {
     fn run(&mut self, inbound: &mut mpsc::Receiver<Vec<u8>>) -> Option<Duration> {
         for _ in 0..POLL_ROUNDS {
             let mut took = 0;
-            while took < INBOUND_BATCH {
+            while took < INBOUND_BATCH && self.dev.rx.len() < INBOUND_BATCH {
                 let Ok(packet) = inbound.try_recv() else {
                     break;
                 };
@@ -350,6 +360,7 @@ impl State {
                 break;
             }
         }
+        self.send_fins();
         self.advance_listeners();
         let orphan_due = self.close_orphans();
         let now = self.now();
@@ -366,6 +377,53 @@ impl State {
             delay.filter(|d| !d.is_zero())
         } else {
             delay
+        }
+    }
+
+    /// Closes the sending side (FIN), after the peer acknowledged the data
+    /// written before if the peer already closed its side. smoltcp 0.13 in
+    /// LAST-ACK takes an ACK that acknowledges nothing new for a duplicate
+    /// and drops the window update it carries, so a FIN queued behind data
+    /// that waits for the peer's window would stall the rest until a
+    /// zero-window probe (backing off) gets through. Staying in CLOSE-WAIT
+    /// until the data is acknowledged avoids that state.
+    fn close_when_drained(&mut self, handle: SocketHandle) {
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        if conn.fin_pending || conn.closed_by.is_some() {
+            return;
+        }
+        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        if sock.state() != tcp::State::CloseWait || sock.send_queue() == 0 {
+            sock.close();
+        } else {
+            conn.fin_pending = true;
+            self.fin_waiting.push(handle);
+        }
+    }
+
+    fn send_fins(&mut self) {
+        let mut i = 0;
+        while i < self.fin_waiting.len() {
+            let h = self.fin_waiting[i];
+            let Some(conn) = self.conns.get_mut(&h) else {
+                self.fin_waiting.swap_remove(i);
+                continue;
+            };
+            let sock = self.sockets.get_mut::<tcp::Socket>(h);
+            if conn.closed_by.is_some()
+                || sock.send_queue() == 0
+                || sock.state() != tcp::State::CloseWait
+            {
+                if conn.closed_by.is_none() {
+                    sock.close();
+                }
+                conn.fin_pending = false;
+                self.fin_waiting.swap_remove(i);
+            } else {
+                i += 1;
+            }
         }
     }
 
@@ -435,8 +493,8 @@ impl State {
                 .map_or(Duration::ZERO, |t| now.duration_since(t));
             let sock = self.sockets.get_mut::<tcp::Socket>(h);
             let done = match sock.state() {
-                // Both FINs are acknowledged, or will be once our delayed ACK
-                // of theirs went out: wait that long, not the whole TIME-WAIT
+                // Both FINs are acknowledged, or will be once our ACK of
+                // theirs went out: wait that long, not the whole TIME-WAIT
                 // (the port allocator cycles through all ephemeral ports
                 // before it reuses this one).
                 tcp::State::TimeWait => {
@@ -494,11 +552,14 @@ impl State {
                 w.wake();
             }
         }
-        // Best effort: tell the peers.
+        // Best effort: tell the peers (not when the task is unwinding from
+        // a panic: the interface may be what panicked).
         self.dev.tx_blocked = false;
         let now = self.now();
         for _ in 0..4 {
-            if self.iface.poll(now, &mut self.dev, &mut self.sockets) == PollResult::None {
+            if std::thread::panicking()
+                || self.iface.poll(now, &mut self.dev, &mut self.sockets) == PollResult::None
+            {
                 break;
             }
         }
@@ -506,6 +567,8 @@ impl State {
         self.listeners.clear();
         self.orphans.clear();
         self.sockets = SocketSet::new(Vec::new());
+        self.dev.out = None;
+        self.dev.rx.clear();
     }
 }
 
@@ -513,7 +576,8 @@ impl State {
 /// to the outbound channel.
 struct Dev {
     rx: VecDeque<Vec<u8>>,
-    out: mpsc::Sender<Vec<u8>>,
+    /// `None` once the stack stopped (the member's receiver then ends).
+    out: Option<mpsc::Sender<Vec<u8>>>,
     mtu: usize,
     /// The last transmit found the outbound channel full.
     tx_blocked: bool,
@@ -540,8 +604,8 @@ impl phy::TxToken for TxToken<'_> {
         let mut packet = vec![0; len];
         let r = f(&mut packet);
         // The task is the channel's only sender and checked for room before
-        // handing out this token; replies to incoming packets (RST for a
-        // closed port) are dropped when it is full, and TCP sends them again.
+        // handing out this token, so this only fails once the receiver is
+        // gone.
         let _ = self.0.try_send(packet);
         r
     }
@@ -555,16 +619,28 @@ impl phy::Device for Dev {
         &mut self,
         _timestamp: smoltcp::time::Instant,
     ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        let packet = self.rx.pop_front()?;
-        Some((RxToken(packet), TxToken(&self.out)))
-    }
-
-    fn transmit(&mut self, _timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
-        if self.out.capacity() == 0 {
+        let out = self.out.as_ref()?;
+        if self.rx.is_empty() {
+            return None;
+        }
+        // Processing a packet may answer it at once (an ACK, a reset): keep
+        // the packet until there is room for the answer, which must not be
+        // dropped (a lost answer to a zero-window probe stalls a transfer).
+        if out.capacity() == 0 {
             self.tx_blocked = true;
             return None;
         }
-        Some(TxToken(&self.out))
+        let packet = self.rx.pop_front()?;
+        Some((RxToken(packet), TxToken(out)))
+    }
+
+    fn transmit(&mut self, _timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+        let out = self.out.as_ref()?;
+        if out.capacity() == 0 {
+            self.tx_blocked = true;
+            return None;
+        }
+        Some(TxToken(out))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -598,11 +674,20 @@ async fn run_task(
     mut inbound: mpsc::Receiver<Vec<u8>>,
     out: mpsc::Sender<Vec<u8>>,
 ) {
+    /// Stops the stack however the task ends, also by a panic, so that
+    /// streams fail instead of waiting forever.
+    struct StopOnExit(Arc<Shared>);
+    impl Drop for StopOnExit {
+        fn drop(&mut self) {
+            self.0.lock().stop();
+        }
+    }
+    let _stop = StopOnExit(shared.clone());
     loop {
-        let (delay, tx_blocked) = {
+        let (delay, tx_blocked, rx_full) = {
             let mut st = shared.lock();
             let delay = st.run(&mut inbound);
-            (delay, st.dev.tx_blocked)
+            (delay, st.dev.tx_blocked, st.dev.rx.len() >= INBOUND_BATCH)
         };
         if delay == Some(Duration::ZERO) {
             // More to send right away; let the streams and other tasks in.
@@ -624,7 +709,9 @@ async fn run_task(
             }
         };
         tokio::select! {
-            packet = inbound.recv() => match packet {
+            // While packets wait for room to answer them, new ones stay in
+            // the channel (and `deliver` drops what does not fit).
+            packet = inbound.recv(), if !rx_full => match packet {
                 Some(packet) => {
                     let mut st = shared.lock();
                     if st.accepts(&packet) {
@@ -638,7 +725,6 @@ async fn run_task(
             _ = room => {}
         }
     }
-    shared.lock().stop();
 }
 
 impl NetStack {
@@ -654,7 +740,7 @@ impl NetStack {
         let seed = random_seed();
         let mut dev = Dev {
             rx: VecDeque::new(),
-            out: outbound.clone(),
+            out: Some(outbound.clone()),
             mtu,
             tx_blocked: false,
         };
@@ -675,6 +761,7 @@ impl NetStack {
             ports: HashSet::new(),
             next_port: EPHEMERAL_FIRST + (seed % EPHEMERAL_COUNT as u64) as u16,
             orphans: Vec::new(),
+            fin_waiting: Vec::new(),
             listeners: HashMap::new(),
             next_listener: 0,
             stopped: false,
@@ -976,7 +1063,7 @@ impl Drop for TcpStream {
         if conn.closed_by.is_none() {
             let sock = st.sockets.get_mut::<tcp::Socket>(self.handle);
             if sock.recv_queue() == 0 {
-                sock.close();
+                st.close_when_drained(self.handle);
             } else {
                 sock.abort();
             }
@@ -1092,17 +1179,20 @@ impl AsyncWrite for TcpStream {
         if conn.closed_by.is_some() {
             return Poll::Ready(Err(conn.error()));
         }
-        let sock = st.sockets.get_mut::<tcp::Socket>(this.handle);
         if !conn.shutdown {
             conn.shutdown = true;
-            sock.close();
+            st.close_when_drained(this.handle);
             this.shared.wake.notify_one();
         }
+        let sock = st.sockets.get_mut::<tcp::Socket>(this.handle);
         if sock.send_queue() == 0 {
+            // The FIN goes out now (the task closes drained connections).
+            st.send_fins();
+            this.shared.wake.notify_one();
             return Poll::Ready(Ok(()));
         }
         if sock.state() == tcp::State::Closed {
-            return Poll::Ready(Err(conn.error()));
+            return Poll::Ready(Err(st.conns[&this.handle].error()));
         }
         sock.register_send_waker(cx.waker());
         Poll::Pending
@@ -1142,8 +1232,13 @@ mod tests {
     }
 
     fn pair() -> Pair {
-        let (a_out, a_rx) = mpsc::channel(1024);
-        let (b_out, b_rx) = mpsc::channel(1024);
+        pair_with(1024)
+    }
+
+    /// `queue`: capacity of each stack's outbound channel.
+    fn pair_with(queue: usize) -> Pair {
+        let (a_out, a_rx) = mpsc::channel(queue);
+        let (b_out, b_rx) = mpsc::channel(queue);
         let a = NetStack::spawn(1380, a_out);
         let b = NetStack::spawn(1380, b_out);
         a.set_addresses(&[A]);
@@ -1288,6 +1383,104 @@ mod tests {
         .await;
         assert_eq!(at_client, (TOTAL, TOTAL), "download: (intact, received)");
         assert_eq!(at_server, (TOTAL, TOTAL), "upload: (intact, received)");
+    }
+
+    /// Outbound channels that are nearly always full, and readers that
+    /// keep pausing (the windows close and reopen): nothing is lost, nothing
+    /// stalls.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_outbound_channels_and_pausing_readers_do_not_stall() {
+        const TOTAL: usize = 8 << 20;
+        let p = pair_with(2);
+        let (c, s, _l) = connected(&p, 8081).await;
+        let up = Arc::new(pattern(3));
+        let down = Arc::new(pattern(4));
+        let side = |stream: TcpStream, send: Arc<Vec<u8>>, expect: Arc<Vec<u8>>| {
+            tokio::spawn(async move {
+                let (r, mut w) = tokio::io::split(stream);
+                let mut r = Pausing {
+                    inner: r,
+                    until_pause: 0,
+                    pause: None,
+                };
+                let writer = async { send_pattern(&mut w, &send, TOTAL).await };
+                let reader = async { check_pattern(&mut r, &expect).await };
+                tokio::join!(writer, reader).1
+            })
+        };
+        let client = side(c, up.clone(), down.clone());
+        let server = side(s, down, up);
+        let (at_client, at_server) = within("8 MiB each way", async {
+            (client.await.unwrap(), server.await.unwrap())
+        })
+        .await;
+        assert_eq!(at_client, (TOTAL, TOTAL));
+        assert_eq!(at_server, (TOTAL, TOTAL));
+    }
+
+    /// A reader that sleeps 20 ms after every 600 KiB or so (longer than
+    /// the receive buffer, so the window closes).
+    struct Pausing<R> {
+        inner: R,
+        until_pause: usize,
+        pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl<R: AsyncRead + Unpin> AsyncRead for Pausing<R> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(sleep) = self.pause.as_mut() {
+                std::task::ready!(std::future::Future::poll(sleep.as_mut(), cx));
+                self.pause = None;
+            }
+            let before = buf.filled().len();
+            std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+            let n = buf.filled().len() - before;
+            if self.until_pause <= n {
+                self.until_pause = 600 * 1024;
+                self.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(20))));
+            } else {
+                self.until_pause -= n;
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The peer closed its side first, we write more than its window holds
+    /// and shut down while it does not read; when it reads again, the rest
+    /// and the FIN arrive promptly (no wait for a zero-window probe).
+    #[tokio::test]
+    async fn shutdown_after_the_peer_closed_delivers_everything_when_it_reads_again() {
+        let p = pair();
+        let (mut c, mut s, _l) = connected(&p, 8082).await;
+        s.shutdown().await.unwrap();
+        let mut one = [0u8; 1];
+        assert_eq!(within("eof", c.read(&mut one)).await.unwrap(), 0);
+        const LEN: usize = 400 * 1024;
+        within("write while the peer does not read", async {
+            c.write_all(&vec![5u8; LEN]).await.unwrap();
+        })
+        .await;
+        let shutdown = tokio::spawn(async move {
+            c.shutdown().await.unwrap();
+            c
+        });
+        // The peer's window is closed now.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let mut all = Vec::new();
+        within("read", s.read_to_end(&mut all)).await.unwrap();
+        assert_eq!(all.len(), LEN);
+        // Without waiting for a zero-window probe (about a second).
+        assert!(
+            started.elapsed() < Duration::from_millis(400),
+            "took {:?}",
+            started.elapsed()
+        );
+        within("shutdown", shutdown).await.unwrap();
     }
 
     #[tokio::test]
@@ -1510,7 +1703,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_stack_fails_pending_reads() {
         let p = pair();
-        let (mut c, _s, _l) = connected(&p, 6379).await;
+        let (mut c, mut s, _l) = connected(&p, 6379).await;
         let reader = tokio::spawn(async move {
             let mut buf = [0u8; 16];
             c.read(&mut buf).await
@@ -1521,7 +1714,56 @@ mod tests {
         drop(a);
         let err = within("pending read", reader).await.unwrap().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted, "{err}");
+        // On its way out the stack reset its connections.
+        let mut buf = [0u8; 16];
+        let err = within("peer read", s.read(&mut buf)).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
         drop(b);
+    }
+
+    #[tokio::test]
+    async fn many_addresses_and_destinations_outside_the_overlay_block() {
+        let p = pair();
+        // More addresses than smoltcp's interface holds, one of them outside
+        // 100.64.0.0/10 (a subnet routed behind a node).
+        let mut addrs: Vec<Ipv4Addr> = (10..30).map(|i| Ipv4Addr::new(100, 64, 1, i)).collect();
+        let outside = Ipv4Addr::new(198, 18, 5, 1);
+        addrs.push(outside);
+        addrs.push(B);
+        p.b.set_addresses(&addrs);
+        p.a.set_addresses(&[A, Ipv4Addr::new(100, 64, 0, 200)]);
+        for (i, &dst) in [outside, Ipv4Addr::new(100, 64, 1, 29), B]
+            .iter()
+            .enumerate()
+        {
+            let l = p.b.listen(SocketAddrV4::new(dst, 80)).await.unwrap();
+            let src = if i == 1 {
+                Ipv4Addr::new(100, 64, 0, 200)
+            } else {
+                A
+            };
+            let mut c =
+                p.a.connect(src, SocketAddrV4::new(dst, 80), CONNECT_TIMEOUT)
+                    .await
+                    .unwrap();
+            let (mut s, peer) = within("accept", l.accept()).await.unwrap();
+            assert_eq!(*peer.ip(), src);
+            c.write_all(b"hi").await.unwrap();
+            let mut got = [0u8; 2];
+            s.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"hi");
+        }
+        // Addresses the stack does not own get no answer at all.
+        let err =
+            p.a.connect(
+                A,
+                SocketAddrV4::new(Ipv4Addr::new(100, 64, 1, 99), 80),
+                Duration::from_millis(300),
+            )
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
     }
 
     #[tokio::test]
