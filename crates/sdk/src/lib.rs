@@ -186,9 +186,16 @@ impl Binding {
     }
 
     /// A client that sends everything through the gateway.
-    fn proxied_client(&self, redirect: reqwest::redirect::Policy) -> Result<reqwest::Client, Error> {
+    fn proxied_client(
+        &self,
+        redirect: reqwest::redirect::Policy,
+    ) -> Result<reqwest::Client, Error> {
         let proxy = reqwest::Proxy::all(self.gateway_url())?.basic_auth(&self.id, &self.secret);
-        Ok(self.reqwest_builder()?.proxy(proxy).redirect(redirect).build()?)
+        Ok(self
+            .reqwest_builder()?
+            .proxy(proxy)
+            .redirect(redirect)
+            .build()?)
     }
 }
 
@@ -401,8 +408,13 @@ fn parse_named(raw: &str, what: &str) -> Result<Mesh, Error> {
     let tls = match scheme.to_ascii_lowercase().as_str() {
         "http" => false,
         "https" => true,
-        s if s.len() <= 16 && s.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) => {
-            return Err(bad(&format!("has scheme \"{s}\"; the gateway speaks http or https")))
+        s if s.len() <= 16
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
+        {
+            return Err(bad(&format!(
+                "has scheme \"{s}\"; the gateway speaks http or https"
+            )))
         }
         _ => return Err(bad("has an unsupported scheme")),
     };
@@ -418,14 +430,13 @@ fn parse_named(raw: &str, what: &str) -> Result<Mesh, Error> {
         return Err(bad("has no binding id (b_<id>) before the host"));
     }
     if !id.starts_with("b_") || id.len() < 3 {
-        return Err(bad(&format!(
-            "has \"{id}\" where the binding id belongs; binding ids start with b_"
-        )));
+        // Not quoted: it may be the secret, put where the id belongs.
+        return Err(bad(
+            "has a user name that is not a binding id (binding ids start with b_)",
+        ));
     }
     let secret = match url.password() {
-        Some(p) if !p.is_empty() => {
-            decode(p).map_err(|_| bad("has a secret that is not UTF-8"))?
-        }
+        Some(p) if !p.is_empty() => decode(p).map_err(|_| bad("has a secret that is not UTF-8"))?,
         _ => return Err(bad(&format!("has no secret after the binding id {id}"))),
     };
     let host = match url.host() {

@@ -252,7 +252,12 @@ async fn fetch(mesh: &Mesh, args: &Map<String, Value>) -> Result<Value, String> 
     }
     let request = match request.build() {
         Ok(r) => r,
-        Err(e) => return Ok(tool_text(format!("Cannot fetch {url}: {}", Error::from(e)), true)),
+        Err(e) => {
+            return Ok(tool_text(
+                format!("Cannot fetch {url}: {}", Error::from(e)),
+                true,
+            ))
+        }
     };
     let work = async {
         let resp = mesh.fetch(request).await?;

@@ -33,10 +33,7 @@ pub struct MeshStream {
 impl std::fmt::Debug for MeshStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MeshStream")
-            .field(
-                "tls",
-                &matches!(self.io, Io::Tls(_)),
-            )
+            .field("tls", &matches!(self.io, Io::Tls(_)))
             .finish_non_exhaustive()
     }
 }
