@@ -340,16 +340,19 @@ impl Mesh {
             Ok(resp) => gateway_error(resp).await,
             Err(e) if url.scheme() == "https" && e.is_connect() => {
                 // reqwest reports a refused CONNECT without the gateway's
-                // answer; ask once more to learn the code and the sentence.
+                // answer; ask once more to learn the code and the sentence
+                // (or that the gateway cannot be reached at all).
                 let authority = match (url.host_str(), url.port_or_known_default()) {
                     (Some(h), Some(p)) => format!("{h}:{p}"),
                     _ => return Err(e.into()),
                 };
                 match self.connect(&authority).await {
-                    Err(g @ Error::Gateway { .. }) => Err(g),
+                    Err(g @ (Error::Gateway { .. } | Error::Unreachable { .. })) => Err(g),
                     _ => Err(e.into()),
                 }
             }
+            // For http:// targets reqwest connects to the gateway only.
+            Err(e) if e.is_connect() => Err(self.unreachable(&e)),
             Err(e) => Err(e.into()),
         }
     }
@@ -367,6 +370,13 @@ impl Mesh {
         stream::connect(self, authority).await
     }
 
+    fn unreachable(&self, e: &reqwest::Error) -> Error {
+        Error::Unreachable {
+            gateway: self.gateway_url(),
+            reason: chain(e),
+        }
+    }
+
     /// What this binding may reach (`GET /.trellis/services` on the gateway).
     pub async fn services(&self) -> Result<Services, Error> {
         let b = &self.inner.binding;
@@ -376,7 +386,11 @@ impl Mesh {
             .get(format!("{}/.trellis/services", b.gateway_url()))
             .header("Trellis-Binding", format!("{}:{}", b.id, b.secret))
             .send()
-            .await?;
+            .await
+            .map_err(|e| match e.is_connect() {
+                true => self.unreachable(&e),
+                false => e.into(),
+            })?;
         let resp = gateway_error(resp).await?;
         let status = resp.status();
         if !status.is_success() {

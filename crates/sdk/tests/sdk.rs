@@ -574,3 +574,66 @@ async fn mcp_server_initializes_lists_and_fetches_through_the_gateway() {
     within(task).await.unwrap().unwrap();
     assert!(within(c.r.next_line()).await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn https_targets_go_through_connect_with_tls_end_to_end() {
+    let gw = fake::start().await;
+    let mesh = Mesh::parse(&gw.url()).unwrap();
+    // The target's certificate is from a private CA: refused until trusted.
+    let e = within(mesh.get("https://tls.prod.mesh/"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Http(_)), "{e:?}");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+    let mesh = mesh.with_root_certificate(&gw.ca_pem).unwrap();
+    let resp = within(mesh.get("https://tls.prod.mesh/")).await.unwrap();
+    assert_eq!(resp.text().await.unwrap(), "hello over tls");
+    let seen = gw.seen();
+    let connect = seen.last().unwrap();
+    assert_eq!(
+        (connect.method.as_str(), connect.target.as_str()),
+        ("CONNECT", "tls.prod.mesh:443")
+    );
+    assert_eq!(connect.proxy_auth.as_deref(), Some(fake::basic().as_str()));
+}
+
+#[tokio::test]
+async fn an_https_gateway_with_a_private_ca() {
+    let gw = fake::start_https().await;
+    assert!(gw.url().starts_with("https://"));
+    let untrusting = Mesh::parse(&gw.url()).unwrap();
+    let e = within(untrusting.connect("echo.prod.mesh:7"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Unreachable { .. }), "{e:?}");
+    assert!(e.to_string().contains("TLS"), "{e}");
+    let e = within(untrusting.get("http://web.prod.mesh/"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Unreachable { .. }), "{e:?}");
+
+    let mesh = untrusting.with_root_certificate(&gw.ca_pem).unwrap();
+    // CONNECT over TLS, greeting included.
+    let mut s = within(mesh.connect("echo.prod.mesh:7")).await.unwrap();
+    let mut greeting = vec![0u8; fake::BANNER.len()];
+    within(s.read_exact(&mut greeting)).await.unwrap();
+    assert_eq!(greeting, fake::BANNER);
+    s.write_all(b"over tls").await.unwrap();
+    s.flush().await.unwrap();
+    let mut back = [0u8; 8];
+    within(s.read_exact(&mut back)).await.unwrap();
+    assert_eq!(&back, b"over tls");
+    // Forward proxy over TLS, TLS inside TLS, the services list, a refusal.
+    let resp = within(mesh.get("http://web.prod.mesh/a")).await.unwrap();
+    assert_eq!(
+        resp.text().await.unwrap(),
+        "hello from web.prod.mesh: GET /a body="
+    );
+    let resp = within(mesh.get("https://tls.prod.mesh/")).await.unwrap();
+    assert_eq!(resp.text().await.unwrap(), "hello over tls");
+    assert_eq!(within(mesh.services()).await.unwrap().account, "prod");
+    let e = within(mesh.connect("denied.prod.mesh:5432"))
+        .await
+        .unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(403), Some("policy_denied")));
+}

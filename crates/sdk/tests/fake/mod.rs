@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub const ID: &str = "b_k3v9x2m4q7w8e5rt";
@@ -30,13 +30,17 @@ pub struct Seen {
 
 pub struct Fake {
     pub addr: SocketAddr,
+    /// The CA of the gateway's certificate (https) and of tls.prod.mesh.
+    pub ca_pem: String,
+    pub https: bool,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub connections: Arc<Mutex<usize>>,
 }
 
 impl Fake {
     pub fn url(&self) -> String {
-        format!("http://{ID}:{SECRET}@{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{ID}:{SECRET}@{}", self.addr)
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -51,7 +55,83 @@ pub fn basic() -> String {
     )
 }
 
+/// A CA and a server configuration with a certificate it signed for
+/// localhost, 127.0.0.1 and tls.prod.mesh.
+fn pki() -> (String, Arc<rustls::ServerConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "fake gateway test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let params = CertificateParams::new(vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "tls.prod.mesh".to_string(),
+    ])
+    .unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    (ca.pem(), Arc::new(config))
+}
+
+#[derive(Clone, Copy)]
+struct Targets {
+    echo: SocketAddr,
+    tls: SocketAddr,
+}
+
+/// The fake gateway on plain HTTP.
 pub async fn start() -> Fake {
+    start_with(false).await
+}
+
+/// The fake gateway on HTTPS, with a certificate from `Fake::ca_pem`.
+pub async fn start_https() -> Fake {
+    start_with(true).await
+}
+
+async fn start_with(https: bool) -> Fake {
+    let (ca_pem, server_config) = pki();
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+    // An HTTPS service: answers one request with "hello over tls".
+    let tls_target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tls_addr = tls_target.local_addr().unwrap();
+    let tls_acceptor = acceptor.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = tls_target.accept().await.unwrap();
+            let acceptor = tls_acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(s).await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                while find(&buf, b"\r\n\r\n").is_none() {
+                    if !fill(&mut s, &mut buf).await.unwrap_or(false) {
+                        return;
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 14\r\nConnection: close\r\n\r\nhello over tls")
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
     // The service behind the tunnel: greets first, then echoes.
     let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let echo_addr = echo.local_addr().unwrap();
@@ -66,8 +146,14 @@ pub async fn start() -> Fake {
         }
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let targets = Targets {
+        echo: echo_addr,
+        tls: tls_addr,
+    };
     let fake = Fake {
         addr: listener.local_addr().unwrap(),
+        ca_pem,
+        https,
         seen: Arc::default(),
         connections: Arc::default(),
     };
@@ -78,8 +164,15 @@ pub async fn start() -> Fake {
             let (s, _) = listener.accept().await.unwrap();
             *connections.lock().unwrap() += 1;
             let seen = seen.clone();
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let _ = serve_conn(s, echo_addr, seen).await;
+                if https {
+                    if let Ok(s) = acceptor.accept(s).await {
+                        let _ = serve_conn(s, targets, seen).await;
+                    }
+                } else {
+                    let _ = serve_conn(s, targets, seen).await;
+                }
             });
         }
     });
@@ -91,15 +184,15 @@ fn find(buf: &[u8], pat: &[u8]) -> Option<usize> {
 }
 
 /// Reads more into `buf`; false at EOF.
-async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+async fn fill<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> std::io::Result<bool> {
     let mut chunk = [0u8; 4096];
     let n = s.read(&mut chunk).await?;
     buf.extend_from_slice(&chunk[..n]);
     Ok(n > 0)
 }
 
-async fn read_body(
-    s: &mut TcpStream,
+async fn read_body<S: AsyncRead + Unpin>(
+    s: &mut S,
     buf: &mut Vec<u8>,
     length: Option<usize>,
     chunked: bool,
@@ -141,8 +234,8 @@ async fn read_body(
     Ok(buf.drain(..n).collect())
 }
 
-async fn respond(
-    s: &mut TcpStream,
+async fn respond<S: AsyncWrite + Unpin>(
+    s: &mut S,
     status: &str,
     headers: &[(&str, &str)],
     body: &[u8],
@@ -154,11 +247,12 @@ async fn respond(
     out.push_str("\r\n");
     let mut bytes = out.into_bytes();
     bytes.extend_from_slice(body);
-    s.write_all(&bytes).await
+    s.write_all(&bytes).await?;
+    s.flush().await
 }
 
-async fn refuse(
-    s: &mut TcpStream,
+async fn refuse<S: AsyncWrite + Unpin>(
+    s: &mut S,
     status: &str,
     code: &str,
     sentence: &str,
@@ -175,9 +269,9 @@ async fn refuse(
     .await
 }
 
-async fn serve_conn(
-    mut s: TcpStream,
-    echo: SocketAddr,
+async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    targets: Targets,
     seen: Arc<Mutex<Vec<Seen>>>,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
@@ -264,6 +358,17 @@ async fn serve_conn(
                 refuse(&mut s, "403 Forbidden", "policy_denied", DENIED).await?;
                 continue;
             }
+            if target == "tls.prod.mesh:443" {
+                let mut up = TcpStream::connect(targets.tls).await?;
+                s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await?;
+                s.flush().await?;
+                if !buf.is_empty() {
+                    up.write_all(&buf).await?;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+                return Ok(());
+            }
             if target != "echo.prod.mesh:7" {
                 refuse(
                     &mut s,
@@ -276,12 +381,13 @@ async fn serve_conn(
             }
             // Dial, wait for the service's greeting and send it in the very
             // same write as the 200: a client that reads past the head loses it.
-            let mut up = TcpStream::connect(echo).await?;
+            let mut up = TcpStream::connect(targets.echo).await?;
             let mut greeting = vec![0u8; BANNER.len()];
             up.read_exact(&mut greeting).await?;
             let mut out = b"HTTP/1.1 200 Connection established\r\n\r\n".to_vec();
             out.extend_from_slice(&greeting);
             s.write_all(&out).await?;
+            s.flush().await?;
             if !buf.is_empty() {
                 up.write_all(&buf).await?;
             }
