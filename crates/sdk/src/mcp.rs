@@ -39,15 +39,19 @@ where
     W: AsyncWrite + Unpin,
 {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
-    let mut lines = BufReader::new(input).lines();
+    let mut input = BufReader::new(input);
+    let mut raw = Vec::new();
     let mut reading = Some(tx);
     loop {
         tokio::select! {
-            line = lines.next_line(), if reading.is_some() => {
-                match line? {
-                    None => reading = None,
-                    Some(line) if line.trim().is_empty() => {}
-                    Some(line) => {
+            n = input.read_until(b'\n', &mut raw), if reading.is_some() => {
+                // Not UTF-8 is a parse error for that line, not the end.
+                let line = String::from_utf8_lossy(&raw).into_owned();
+                raw.clear();
+                match n? {
+                    0 => reading = None,
+                    _ if line.trim().is_empty() => {}
+                    _ => {
                         let tx = reading.clone().expect("reading");
                         let mesh = mesh.clone();
                         tokio::spawn(async move {

@@ -568,6 +568,10 @@ async fn mcp_server_initializes_lists_and_fetches_through_the_gateway() {
     let r = c.recv().await;
     assert_eq!(r["error"]["code"], -32700, "{r}");
     assert_eq!(r["id"], Value::Null);
+    c.w.write_all(b"\xff\xfe{\n").await.unwrap();
+    assert_eq!(c.recv().await["error"]["code"], -32700);
+    let pong = c.call(12, "ping", json!({})).await;
+    assert_eq!(pong["result"], json!({}), "still serving after bad input");
 
     // End of input ends the server, with nothing more on its output.
     c.w.shutdown().await.unwrap();
