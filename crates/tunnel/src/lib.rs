@@ -525,13 +525,17 @@ impl Tunnel {
         }
     }
 
+    /// The relay path: UDP while the edge answers registrations, else the
+    /// TCP relay if the shell has it up (the edge's own gateway member has
+    /// only that one, and no UDP relay at all).
     fn relay_path(&self, now: Instant) -> Option<Path> {
-        let r = self.relay.as_ref()?;
-        if r.refused.is_none()
-            && r.acked_at
-                .is_some_and(|t| now.saturating_duration_since(t) < RELAY_UDP_HEALTHY)
-        {
-            return Some(Path::RelayUdp(r.edge));
+        if let Some(r) = self.relay.as_ref() {
+            if r.refused.is_none()
+                && r.acked_at
+                    .is_some_and(|t| now.saturating_duration_since(t) < RELAY_UDP_HEALTHY)
+            {
+                return Some(Path::RelayUdp(r.edge));
+            }
         }
         self.tcp_relay_up.then_some(Path::RelayTcp)
     }

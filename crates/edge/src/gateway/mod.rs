@@ -15,11 +15,20 @@
 //! and streams both ways. Every request ends as a [`RequestRecord`] on the
 //! channel returned by [`Gateway::new`].
 
+pub mod http;
+pub mod member;
 pub mod netstack;
+#[cfg(test)]
+mod tests;
 
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
 
 use ipnet::Ipv4Net;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use trellis_policy::Filter;
 use trellis_proto::FilterSpec;
 
 /// Prefix of a binding's public id in its URL user name: `b_<id>`.
@@ -145,32 +154,100 @@ pub fn hash_secret(secret: &str) -> [u8; 32] {
 /// The fetch gateway: account snapshots in, requests served, records out.
 pub struct Gateway {
     server_secret: [u8; 32],
-    hub: std::sync::Arc<crate::RelayHub>,
-    accounts: std::sync::Mutex<std::collections::HashMap<i64, std::sync::Arc<AccountSnapshot>>>,
-    records: tokio::sync::mpsc::Sender<RequestRecord>,
+    hub: Arc<crate::RelayHub>,
+    inner: Mutex<Inner>,
+    records: mpsc::Sender<RequestRecord>,
+}
+
+#[derive(Default)]
+struct Inner {
+    accounts: HashMap<i64, AccountState>,
+    /// Public binding id → account.
+    by_public_id: HashMap<String, i64>,
+    /// Bindings that left a snapshot while the server ran: public id → name
+    /// and whether they expired (else they were revoked).
+    gone: HashMap<String, (String, bool)>,
+}
+
+struct AccountState {
+    snap: Arc<AccountSnapshot>,
+    filter: Arc<Filter>,
+    member: Option<Arc<member::Member>>,
+    /// Cancelled when the binding is revoked: its streams end.
+    cancels: HashMap<i64, CancellationToken>,
+}
+
+/// Why credentials were refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum AuthError {
+    Unknown,
+    Revoked(String),
+    Expired(String),
+    NoMember(String),
+}
+
+/// What an authenticated request may use.
+#[derive(Clone)]
+pub(crate) struct Grant {
+    pub account: Arc<AccountSnapshot>,
+    pub filter: Arc<Filter>,
+    pub member: Arc<member::Member>,
+    pub binding: BindingEntry,
+    pub cancel: CancellationToken,
 }
 
 /// Request records waiting for the control plane before further ones are dropped.
 pub const RECORD_QUEUE: usize = 65_536;
 
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `2026-11-26 03:04:05 UTC` for a unix time.
+pub(crate) fn format_unix(t: i64) -> String {
+    let days = t.div_euclid(86_400);
+    let secs = t.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
 impl Gateway {
     /// A gateway whose members attach to `hub`, with keys derived from
     /// `server_secret`; the receiver yields a record per request.
     pub fn new(
-        hub: std::sync::Arc<crate::RelayHub>,
+        hub: Arc<crate::RelayHub>,
         server_secret: [u8; 32],
-    ) -> (
-        std::sync::Arc<Gateway>,
-        tokio::sync::mpsc::Receiver<RequestRecord>,
-    ) {
-        let (records, rx) = tokio::sync::mpsc::channel(RECORD_QUEUE);
+    ) -> (Arc<Gateway>, mpsc::Receiver<RequestRecord>) {
+        let (records, rx) = mpsc::channel(RECORD_QUEUE);
         let gw = Gateway {
             server_secret,
             hub,
-            accounts: Default::default(),
+            inner: Default::default(),
             records,
         };
-        (std::sync::Arc::new(gw), rx)
+        (Arc::new(gw), rx)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The public key of the member in `account_id` (for network maps).
@@ -178,31 +255,320 @@ impl Gateway {
         member_public_key(&self.server_secret, account_id)
     }
 
+    /// What the gateway currently knows of an account.
+    pub fn account(&self, account_id: i64) -> Option<Arc<AccountSnapshot>> {
+        self.lock()
+            .accounts
+            .get(&account_id)
+            .map(|a| a.snap.clone())
+    }
+
+    /// Queues one request record for the control plane (dropped when the
+    /// queue is full).
+    pub fn record(&self, r: RequestRecord) {
+        if self.records.try_send(r).is_err() {
+            tracing::warn!("request log queue full: a record was dropped");
+        }
+    }
+
     /// Replaces what the gateway knows of an account. Streams of bindings no
-    /// longer in it (revoked) are closed at once.
+    /// longer in it (revoked or expired) are closed at once.
     pub fn set_account(&self, snapshot: AccountSnapshot) {
         let id = snapshot.account_id;
-        self.accounts
-            .lock()
-            .expect("gateway lock")
-            .insert(id, std::sync::Arc::new(snapshot));
+        let snap = Arc::new(snapshot);
+        let filter = Arc::new(match &snap.filter {
+            Some(spec) => Filter::compile(spec),
+            None => Filter::allow_all(),
+        });
+        let now = unix_now();
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let old = inner.accounts.remove(&id);
+        let (mut member, mut cancels, old_bindings) = match old {
+            Some(a) => (a.member, a.cancels, a.snap.bindings.clone()),
+            None => (None, HashMap::new(), Vec::new()),
+        };
+        for b in &old_bindings {
+            if !snap.bindings.iter().any(|n| n.id == b.id) {
+                if let Some(c) = cancels.remove(&b.id) {
+                    c.cancel();
+                }
+                inner.by_public_id.remove(&b.public_id);
+                let expired = b.expires_at.is_some_and(|t| t <= now);
+                inner
+                    .gone
+                    .insert(b.public_id.clone(), (b.name.clone(), expired));
+            }
+        }
+        for b in &snap.bindings {
+            cancels.entry(b.id).or_default();
+            inner.by_public_id.insert(b.public_id.clone(), id);
+            inner.gone.remove(&b.public_id);
+        }
+        match &member {
+            Some(m) => m.update(snap.clone()),
+            None if !snap.bindings.is_empty() => {
+                match member::Member::start(
+                    self.hub.clone(),
+                    member_secret(&self.server_secret, id),
+                    snap.clone(),
+                ) {
+                    Ok(m) => member = Some(Arc::new(m)),
+                    Err(e) => {
+                        tracing::warn!(account = %snap.name, error = %format!("{e:#}"), "the gateway cannot join")
+                    }
+                }
+            }
+            None => {}
+        }
+        inner.accounts.insert(
+            id,
+            AccountState {
+                snap,
+                filter,
+                member,
+                cancels,
+            },
+        );
     }
 
     /// Forgets an account (deleted): its member leaves, its streams close.
     pub fn remove_account(&self, account_id: i64) {
-        self.accounts
-            .lock()
-            .expect("gateway lock")
-            .remove(&account_id);
+        let mut inner = self.lock();
+        if let Some(a) = inner.accounts.remove(&account_id) {
+            for c in a.cancels.values() {
+                c.cancel();
+            }
+            for b in &a.snap.bindings {
+                inner.by_public_id.remove(&b.public_id);
+            }
+        }
+    }
+
+    /// Checks `b_<public_id>:<secret>`.
+    pub(crate) fn grant(&self, public_id: &str, secret: &str) -> Result<Grant, AuthError> {
+        let inner = self.lock();
+        let Some(account) = inner
+            .by_public_id
+            .get(public_id)
+            .and_then(|id| inner.accounts.get(id))
+        else {
+            return Err(match inner.gone.get(public_id) {
+                Some((name, true)) => AuthError::Expired(name.clone()),
+                Some((name, false)) => AuthError::Revoked(name.clone()),
+                None => AuthError::Unknown,
+            });
+        };
+        let Some(binding) = account
+            .snap
+            .bindings
+            .iter()
+            .find(|b| b.public_id == public_id)
+        else {
+            return Err(AuthError::Unknown);
+        };
+        let given = hash_secret(secret);
+        let diff = given
+            .iter()
+            .zip(binding.secret_hash.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff != 0 {
+            return Err(AuthError::Unknown);
+        }
+        if binding.expires_at.is_some_and(|t| t <= unix_now()) {
+            return Err(AuthError::Expired(binding.name.clone()));
+        }
+        let Some(member) = account.member.clone() else {
+            return Err(AuthError::NoMember(
+                "the account's member did not start".to_string(),
+            ));
+        };
+        Ok(Grant {
+            account: account.snap.clone(),
+            filter: account.filter.clone(),
+            member,
+            binding: binding.clone(),
+            cancel: account
+                .cancels
+                .get(&binding.id)
+                .cloned()
+                .unwrap_or_default(),
+        })
     }
 
     /// Serves agents on `listener` (TLS when `tls` is given) until dropped.
     pub async fn serve(
-        self: std::sync::Arc<Self>,
+        self: Arc<Self>,
         listener: tokio::net::TcpListener,
-        tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+        tls: Option<Arc<rustls::ServerConfig>>,
     ) {
-        let _ = (listener, tls, &self.hub, &self.records);
-        todo!("the gateway's HTTP front")
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        loop {
+            let (sock, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "gateway accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = sock.set_nodelay(true);
+            let gw = self.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                match acceptor {
+                    None => http::serve_connection(gw, sock, peer).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(
+                            std::time::Duration::from_secs(10),
+                            acceptor.accept(sock),
+                        )
+                        .await
+                        {
+                            Ok(Ok(tls)) => http::serve_connection(gw, tls, peer).await,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "gateway TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(%peer, "gateway TLS handshake timed out"),
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+impl Grant {
+    /// Resolves a host (name or address) of the account to an address and
+    /// the peer that owns it (None: no node or routed subnet has it).
+    pub(crate) fn resolve(
+        &self,
+        host: &str,
+    ) -> Result<(Ipv4Addr, Option<GatewayPeer>), http::GwError> {
+        let snap = &self.account;
+        let ip = if let Ok(ip) = host.parse::<Ipv4Addr>() {
+            ip
+        } else {
+            let find = |n: &str| snap.names.iter().find(|(k, _)| k == n).map(|(_, ip)| *ip);
+            let mut found = find(host);
+            if found.is_none() && !host.contains('.') {
+                if let Some(domain) = &snap.domain {
+                    found = find(&format!("{host}.{domain}"));
+                }
+                if found.is_none() {
+                    found = snap.peers.iter().find(|p| p.name == host).map(|p| p.ip);
+                }
+            }
+            match found {
+                Some(ip) => ip,
+                None => {
+                    return Err(http::GwError::new(
+                        ::http::StatusCode::NOT_FOUND,
+                        "unknown_host",
+                        format!(
+                            "no node or name {host:?} in account {}{}",
+                            snap.name,
+                            snap.domain
+                                .as_deref()
+                                .map(|d| format!(" (names end in .{d})"))
+                                .unwrap_or_default()
+                        ),
+                    ))
+                }
+            }
+        };
+        Ok((ip, owner(snap, ip).cloned()))
+    }
+
+    /// What the binding may reach (see `docs/gateway.md`).
+    pub(crate) fn services(&self) -> Vec<serde_json::Value> {
+        let snap = &self.account;
+        let me = self.binding.ip;
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut push = |name: String, addr: String, ip: Ipv4Addr| {
+            if !seen.insert(name.clone()) || !self.filter.may_talk(me, ip) {
+                return;
+            }
+            let peer = owner(snap, ip);
+            out.push(serde_json::json!({
+                "name": name,
+                "address": addr,
+                "node": peer.map(|p| p.name.clone()),
+                "online": peer.is_some_and(|p| p.online),
+                "ports": allowed_ports(snap.filter.as_ref(), me, ip),
+            }));
+        };
+        for (name, ip) in &snap.names {
+            push(name.clone(), ip.to_string(), *ip);
+        }
+        for p in &snap.peers {
+            for net in p.allowed_ips.iter().filter(|n| n.prefix_len() < 32) {
+                push(net.to_string(), net.to_string(), net.network());
+            }
+        }
+        out
+    }
+}
+
+/// The peer whose allowed addresses hold `ip` (longest prefix).
+fn owner(snap: &AccountSnapshot, ip: Ipv4Addr) -> Option<&GatewayPeer> {
+    snap.peers
+        .iter()
+        .filter_map(|p| {
+            p.allowed_ips
+                .iter()
+                .filter(|n| n.contains(&ip))
+                .map(|n| n.prefix_len())
+                .max()
+                .map(|len| (len, p))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, p)| p)
+}
+
+/// The port ranges of the rules that let `src` reach `dst`, in the policy's
+/// words (`tcp:5432`, `*`), up to the first rule that denies everything.
+fn allowed_ports(spec: Option<&FilterSpec>, src: Ipv4Addr, dst: Ipv4Addr) -> Vec<String> {
+    let Some(spec) = spec else {
+        return vec!["*".to_string()];
+    };
+    let mut out = Vec::new();
+    for r in &spec.rules {
+        if !(r.src.iter().any(|n| n.contains(&src)) && r.dst.iter().any(|n| n.contains(&dst))) {
+            continue;
+        }
+        let any = r.ports.is_empty() || r.ports.iter().any(|p| p.proto.is_none());
+        if r.allow {
+            if any {
+                out.push("*".to_string());
+                break;
+            }
+            out.extend(r.ports.iter().map(port_text));
+        } else if any {
+            return out;
+        }
+    }
+    if spec.default_allow && !out.iter().any(|p| p == "*") {
+        out.push("*".to_string());
+    }
+    out.dedup();
+    out
+}
+
+fn port_text(p: &trellis_policy::PortRange) -> String {
+    let proto = match p.proto {
+        None => return "*".to_string(),
+        Some(trellis_policy::PROTO_TCP) => "tcp",
+        Some(trellis_policy::PROTO_UDP) => "udp",
+        Some(trellis_policy::PROTO_ICMP) => return "icmp".to_string(),
+        Some(n) => return format!("proto {n}"),
+    };
+    if p.lo == 0 && p.hi == u16::MAX {
+        proto.to_string()
+    } else if p.lo == p.hi {
+        format!("{proto}:{}", p.lo)
+    } else {
+        format!("{proto}:{}-{}", p.lo, p.hi)
     }
 }
