@@ -193,6 +193,67 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminOpts,
     },
+    /// A local HTTP proxy (no TLS, no auth) that sends everything through a
+    /// binding's gateway: HTTP_PROXY/HTTPS_PROXY=http://127.0.0.1:8118.
+    Proxy {
+        #[command(flatten)]
+        binding: BindingOpts,
+        /// Where to listen (keep it on loopback: anyone who reaches it uses the binding).
+        #[arg(long, default_value = "127.0.0.1:8118")]
+        listen: SocketAddr,
+    },
+    /// A Model Context Protocol server on stdin/stdout: tools `fetch` and
+    /// `list_services` through a binding, for AI agents.
+    Mcp {
+        #[command(flatten)]
+        binding: BindingOpts,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+pub struct BindingOpts {
+    /// Binding URL http(s)://b_<id>:<secret>@HOST:PORT from `trellis binding
+    /// create` (default: the environment variable MESH).
+    #[arg(long)]
+    pub binding: Option<String>,
+    /// PEM file of a CA to trust for an https:// gateway with a private certificate.
+    #[arg(long)]
+    pub gateway_ca: Option<PathBuf>,
+}
+
+impl BindingOpts {
+    fn mesh(&self) -> anyhow::Result<trellis_sdk::Mesh> {
+        let mesh = match &self.binding {
+            Some(url) => trellis_sdk::Mesh::parse(url)?,
+            None => trellis_sdk::Mesh::from_env("MESH")?,
+        };
+        Ok(match &self.gateway_ca {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("reading --gateway-ca {}", path.display()))?;
+                mesh.with_root_certificate(pem)
+                    .with_context(|| format!("--gateway-ca {}", path.display()))?
+            }
+            None => mesh,
+        })
+    }
+}
+
+async fn proxy(binding: &BindingOpts, listen: SocketAddr) -> anyhow::Result<()> {
+    let mesh = binding.mesh()?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    eprintln!(
+        "proxy listening on {} (through the gateway {} as {})",
+        listener.local_addr()?,
+        mesh.gateway_url(),
+        mesh.binding_id()
+    );
+    tokio::select! {
+        r = trellis_sdk::proxy::serve(mesh, listener) => Ok(r?),
+        _ = shutdown_signal() => Ok(()),
+    }
 }
 
 #[derive(Subcommand)]
@@ -577,6 +638,13 @@ async fn main() -> ExitCode {
         Cmd::Policy { cmd, admin } => admin::policy(&admin, cmd).await,
         Cmd::Logs { cmd, admin } => admin::logs(&admin, cmd).await,
         Cmd::Binding { cmd, admin } => admin::binding(&admin, cmd).await,
+        Cmd::Proxy { binding, listen } => proxy(&binding, listen).await,
+        Cmd::Mcp { binding } => match binding.mesh() {
+            Ok(mesh) => trellis_sdk::mcp::serve_stdio(mesh)
+                .await
+                .context("MCP on stdio"),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -760,6 +828,10 @@ mod tests {
                 "--gateway-tls-key",
                 "k.pem",
             ],
+            &["trellis", "proxy", "--binding", "http://b_x:y@edge:8443"],
+            &["trellis", "proxy", "--listen", "127.0.0.1:9000"],
+            &["trellis", "mcp", "--binding", "http://b_x:y@edge:8443"],
+            &["trellis", "mcp", "--gateway-ca", "ca.pem"],
         ] {
             assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
         }
