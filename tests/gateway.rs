@@ -229,16 +229,14 @@ impl ServerLab {
         let s = script.to_string_lossy().into_owned();
         self.lab
             .spawn(&node.host, "web", "python3", &[&s, &WEB_PORT.to_string()]);
-        let r = eventually(Instant::now() + Duration::from_secs(15), || {
-            match http_get(
-                &node.host.ns,
-                std::net::SocketAddr::from(([127, 0, 0, 1], WEB_PORT)),
-                "/health",
-                Duration::from_secs(2),
-            ) {
-                Ok((200, _)) => Ok(()),
-                other => Err(format!("web not up: {other:?}")),
-            }
+        let r = eventually(Instant::now() + Duration::from_secs(15), || match http_get(
+            &node.host.ns,
+            std::net::SocketAddr::from(([127, 0, 0, 1], WEB_PORT)),
+            "/health",
+            Duration::from_secs(2),
+        ) {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!("web not up: {other:?}")),
         });
         self.lab.check(r, "the web service did not start");
     }
@@ -255,18 +253,32 @@ impl ServerLab {
         let st = std::process::Command::new("chown")
             .args(["postgres:postgres", &d])
             .status();
-        self.lab.ensure(st.is_ok_and(|s| s.success()), "chown pgdata");
+        self.lab
+            .ensure(st.is_ok_and(|s| s.success()), "chown pgdata");
         let initdb = bin.join("initdb").to_string_lossy().into_owned();
         let out = self.lab.run(
             &node.host.ns,
             "runuser",
             &[
-                "-u", "postgres", "--", &initdb, "-D", &d, "-U", "postgres", "--auth=trust",
+                "-u",
+                "postgres",
+                "--",
+                &initdb,
+                "-D",
+                &d,
+                "-U",
+                "postgres",
+                "--auth=trust",
             ],
             Duration::from_secs(120),
         );
         self.lab
             .ensure(out.success(), format!("initdb failed:\n{}", out.describe()));
+        // Connections come from the mesh (a binding's overlay address).
+        let hba = data.join("pg_hba.conf");
+        let mut conf = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+        conf.push_str("\nhost all all 100.64.0.0/10 trust\n");
+        std::fs::write(&hba, conf).expect("write pg_hba.conf");
         let pg = bin.join("postgres").to_string_lossy().into_owned();
         self.lab.spawn(
             &node.host,
@@ -360,7 +372,10 @@ fn agents_reach_a_web_page_and_postgres_through_one_binding_line() {
 
     // curl: forward proxy, and CONNECT (--proxytunnel).
     let r = eventually(Instant::now() + Duration::from_secs(20), || {
-        match sl.curl(&agent, &["--proxy", &mesh, "http://web.default.mesh:8000/health"]) {
+        match sl.curl(
+            &agent,
+            &["--proxy", &mesh, "http://web.default.mesh:8000/health"],
+        ) {
             (200, body) if body == "ok from web\n" => Ok(()),
             other => Err(format!("{other:?}")),
         }
@@ -375,7 +390,11 @@ fn agents_reach_a_web_page_and_postgres_through_one_binding_line() {
             "http://web.default.mesh:8000/health",
         ],
     );
-    assert_eq!(got, (200, "ok from web\n".to_string()), "curl through CONNECT");
+    assert_eq!(
+        got,
+        (200, "ok from web\n".to_string()),
+        "curl through CONNECT"
+    );
     // A POST with a body and the target's own Authorization header.
     let got = sl.curl(
         &agent,
@@ -473,13 +492,23 @@ fn agents_reach_a_web_page_and_postgres_through_one_binding_line() {
     assert_eq!(page, "ok from web\n");
     assert_eq!(answer, 42);
 
-    // Every request is in the request log, with its binding and target.
-    let logs = sl.requests(&key);
-    let connects = logs
-        .iter()
-        .filter(|r| r["method"] == "CONNECT" && r["target"] == "db.default.mesh:5432")
-        .count();
-    assert!(connects >= 3, "three SQL sessions via CONNECT, got {logs:#?}");
+    // Every request is in the request log, with its binding and target
+    // (a tunnel's record is written when it closes).
+    let r = eventually(Instant::now() + Duration::from_secs(5), || {
+        let logs = sl.requests(&key);
+        let connects = logs
+            .iter()
+            .filter(|r| r["method"] == "CONNECT" && r["target"] == "db.default.mesh:5432")
+            .count();
+        if connects >= 3 {
+            Ok(logs)
+        } else {
+            Err(format!(
+                "three SQL sessions via CONNECT expected: {logs:#?}"
+            ))
+        }
+    });
+    let logs = sl.lab.check(r, "request log");
     assert!(
         logs.iter().all(|r| r["binding"] == "agents"),
         "every request names its binding: {logs:#?}"
@@ -488,6 +517,11 @@ fn agents_reach_a_web_page_and_postgres_through_one_binding_line() {
         logs.iter()
             .any(|r| r["path"] == "/health" && r["status"] == 200 && r["form"] == "proxy"),
         "{logs:#?}"
+    );
+    assert!(
+        logs.iter()
+            .any(|r| r["form"] == "fetch" && r["status"] == 200 && r["node"] == "web"),
+        "the JS SDK's plain form is logged: {logs:#?}"
     );
     let _ = (web, db);
 }
@@ -503,7 +537,9 @@ fn a_binding_reaches_only_its_own_account_even_at_the_same_addresses() {
     sl.web(&web);
     // Another account with the same block: its first node gets the same address.
     // The default account's block.
-    let other_key = sl.lab.create_account(&sl.srv, "other", Some("100.64.0.0/16"));
+    let other_key = sl
+        .lab
+        .create_account(&sl.srv, "other", Some("100.64.0.0/16"));
     let other_token = sl.lab.create_token(
         &sl.srv,
         TokenOpts {
@@ -548,7 +584,10 @@ fn revoking_a_binding_refuses_the_next_request_and_cuts_an_open_stream() {
     let mesh = sl.binding(&key, "streamer", &[]);
     let agent = sl.new_host("agent");
     let r = eventually(Instant::now() + Duration::from_secs(20), || {
-        match sl.curl(&agent, &["--proxy", &mesh, "http://web.default.mesh:8000/health"]) {
+        match sl.curl(
+            &agent,
+            &["--proxy", &mesh, "http://web.default.mesh:8000/health"],
+        ) {
             (200, _) => Ok(()),
             other => Err(format!("{other:?}")),
         }
@@ -594,16 +633,28 @@ fn revoking_a_binding_refuses_the_next_request_and_cuts_an_open_stream() {
         took < Duration::from_millis(1500),
         "the stream closed only {took:?} after revoke"
     );
-    let (code, body) = sl.curl(&agent, &["--proxy", &mesh, "http://web.default.mesh:8000/health"]);
+    let (code, body) = sl.curl(
+        &agent,
+        &["--proxy", &mesh, "http://web.default.mesh:8000/health"],
+    );
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("revoked"), "{body}");
 
-    let logs = sl.requests(&key);
-    assert!(
-        logs.iter()
-            .any(|r| r["path"] == "/stream" && r["bytes_down"].as_u64().unwrap_or(0) > 256 * 1024),
-        "the cut stream is logged with its bytes: {logs:#?}"
-    );
+    let r = eventually(Instant::now() + Duration::from_secs(5), || {
+        let logs = sl.requests(&key);
+        if logs.iter().any(|r| {
+            r["path"] == "/stream"
+                && r["bytes_down"].as_u64().unwrap_or(0) > 256 * 1024
+                && r["error"] == "binding_revoked"
+        }) {
+            Ok(())
+        } else {
+            Err(format!(
+                "the cut stream is not logged with its bytes: {logs:#?}"
+            ))
+        }
+    });
+    sl.lab.check(r, "request log");
 }
 
 #[test]
@@ -627,17 +678,17 @@ fn policy_decides_binding_requests_and_errors_say_what_is_wrong() {
     let policy = sl.lab.path("policy.toml");
     std::fs::write(
         &policy,
-        "default = \"deny\"\n\n[[rules]]\nname = \"agents-to-web\"\nfrom = [\"tag:agents\"]\nto = [\"web\"]\nports = [\"tcp:8000\"]\n\n[[rules]]\nname = \"nodes\"\nfrom = [\"web\", \"other\"]\nto = [\"*\"]\n",
+        "default = \"deny\"\n\n[[rules]]\nname = \"agents-to-web\"\naction = \"allow\"\nfrom = [\"tag:agents\"]\nto = [\"web\"]\nports = [\"tcp:8000\"]\n\n[[rules]]\nname = \"nodes\"\naction = \"allow\"\nfrom = [\"web\", \"other\"]\nto = [\"*\"]\n",
     )
     .expect("write policy");
-    sl.lab.admin_ok(
-        &sl.srv,
-        &key,
-        &["policy", "set", &policy.to_string_lossy()],
-    );
+    sl.lab
+        .admin_ok(&sl.srv, &key, &["policy", "set", &policy.to_string_lossy()]);
     let agent = sl.new_host("agent");
     let r = eventually(Instant::now() + Duration::from_secs(20), || {
-        match sl.curl(&agent, &["--proxy", &mesh, "http://web.default.mesh:8000/health"]) {
+        match sl.curl(
+            &agent,
+            &["--proxy", &mesh, "http://web.default.mesh:8000/health"],
+        ) {
             (200, _) => Ok(()),
             other => Err(format!("{other:?}")),
         }
@@ -652,18 +703,28 @@ fn policy_decides_binding_requests_and_errors_say_what_is_wrong() {
     // No credentials, wrong secret, unknown name.
     let (code, _) = sl.curl(
         &agent,
-        &["--proxy", "http://198.18.0.1:8443", "http://web.default.mesh:8000/health"],
+        &[
+            "--proxy",
+            "http://198.18.0.1:8443",
+            "http://web.default.mesh:8000/health",
+        ],
     );
     assert_eq!(code, 407);
     let wrong = mesh.replacen('@', "x@", 1);
-    let (code, _) = sl.curl(&agent, &["--proxy", &wrong, "http://web.default.mesh:8000/health"]);
+    let (code, _) = sl.curl(
+        &agent,
+        &["--proxy", &wrong, "http://web.default.mesh:8000/health"],
+    );
     assert_eq!(code, 407, "a wrong secret is refused ({wrong})");
     let (code, body) = sl.curl(&agent, &["--proxy", &mesh, "http://nosuch.default.mesh/"]);
     assert_eq!(code, 404, "{body}");
     // The node goes offline: 502 naming it, not a hang.
     sl.lab.stop(web.proc);
     let r = eventually(Instant::now() + Duration::from_secs(20), || {
-        match sl.curl(&agent, &["--proxy", &mesh, "http://web.default.mesh:8000/health"]) {
+        match sl.curl(
+            &agent,
+            &["--proxy", &mesh, "http://web.default.mesh:8000/health"],
+        ) {
             (502, body) if body.contains("web") && body.contains("offline") => Ok(()),
             other => Err(format!("{other:?}")),
         }
