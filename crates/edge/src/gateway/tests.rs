@@ -129,6 +129,24 @@ async fn serve_http(stream: netstack::TcpStream, peer: SocketAddrV4) {
         }
         let reply = match path.as_str() {
             "/health" => "ok from web\n".to_string(),
+            "/ws" => {
+                // Switches protocols, then echoes whatever comes.
+                let _ = w
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                    .await;
+                let mut r = r.into_inner();
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    match r.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
             "/who" => format!("{}\n", peer.ip()),
             "/echo" => format!("auth={auth} body={}", String::from_utf8_lossy(&body)),
             "/stream" => {
@@ -512,4 +530,103 @@ async fn revoking_closes_open_streams_and_refuses_the_next_request() {
     .await;
     assert_eq!(status, 403, "{head}");
     assert!(body.contains("binding agent was revoked"), "{body}");
+}
+
+/// Reads up to the end of a response head.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b))
+            .await
+            .expect("a response head within 10 s")
+            .unwrap();
+        head.push(b[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_in_the_plain_form_carries_bytes_both_ways() {
+    let mut s = setup(None).await;
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(
+        format!(
+            "GET /fetch HTTP/1.1\r\nHost: gw\r\nTrellis-Target: http://web.acme.mesh/ws\r\nTrellis-Binding: b_abcdefghijklmnop:{SECRET}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut c).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    for msg in [&b"first frame"[..], &[0u8, 1, 2, 255][..]] {
+        c.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, msg);
+    }
+    drop(c);
+    let rec = tokio::time::timeout(Duration::from_secs(5), s.records.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((rec.form.as_str(), rec.status), ("websocket", 101));
+    assert_eq!(rec.bytes_up, 15);
+}
+
+#[tokio::test]
+async fn the_gateway_speaks_tls_when_given_a_certificate() {
+    let s = setup(None).await;
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into()),
+        )
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(s.gw.clone().serve(listener, Some(Arc::new(server))));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(proxy_get("http://web.acme.mesh/health", Some(&good_auth())).as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), tls.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("ok from web\n"), "{text}");
+
+    // Plain HTTP on the TLS port is not answered as HTTP.
+    let (status, _, _) = exchange(
+        addr,
+        &proxy_get("http://web.acme.mesh/health", Some(&good_auth())),
+    )
+    .await;
+    assert_eq!(status, 0);
 }
