@@ -170,8 +170,10 @@ done
 echo "== nginx on bench-b ($IP_B:80)"
 mkdir -p "$WORK/www"
 head -c 612 /dev/zero | tr '\0' 'x' >"$WORK/www/index.html"
+truncate -s 1G "$WORK/www/1g.bin"   # sparse: costs no disk
 cat >"$WORK/nginx.conf" <<CONF
 daemon off;
+user root;
 worker_processes 1;
 pid $WORK/nginx.pid;
 error_log $WORK/nginx-error.log;
@@ -227,4 +229,14 @@ run_wrk "through the gateway (plain form)" 1 "http://$GW/fetch" \
 run_wrk "direct over the mesh" 32 "http://$IP_B/"
 run_wrk "through the gateway (plain form)" 32 "http://$GW/fetch" \
     "Trellis-Target: http://bench-b.default.mesh/" "Trellis-Binding: $CRED"
-echo "server RSS after the runs: $(awk '/VmRSS/ {print $2, $3}' "/proc/$(pgrep -f "server --data-dir $WORK/server" | head -1)/status" 2>/dev/null || echo unknown)"
+SERVER_PID=$(pgrep -f "server --data-dir $WORK/server" | head -1)
+rss() { awk -v k="$1" '$1 == k":" {printf "%.1f MiB", $2 / 1024}' "/proc/$SERVER_PID/status"; }
+echo "server RSS after the wrk runs: $(rss VmRSS) (peak so far $(rss VmHWM))"
+
+echo "== 1 GiB download through the gateway (forward proxy), from bench-a"
+START=$(date +%s.%N)
+in_a curl -sS --proxy "$MESH" -o /dev/null -w '%{size_download} bytes, %{speed_download} B/s\n' \
+    "http://bench-b.default.mesh/1g.bin" >"$WORK/dl.txt"
+END=$(date +%s.%N)
+awk -v s="$START" -v e="$END" '{printf "%s (%.1f MB/s over %.1f s)\n", $0, $1 / (e - s) / 1e6, e - s}' "$WORK/dl.txt"
+echo "server RSS after the download: $(rss VmRSS) (peak $(rss VmHWM))"

@@ -334,25 +334,130 @@ async fn route(
         ));
     }
     let dst = SocketAddrV4::new(ip, target.port);
-    let stream = match grant
-        .member
-        .connect(grant.binding.ip, dst, CONNECT_TIMEOUT)
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => return Err(dial_error(&node.name, dst, &e)),
-    };
     match form {
-        Form::Connect => Ok(connect_tunnel(req, stream, grant, log)),
+        Form::Connect => {
+            let stream = match grant
+                .member
+                .connect(grant.binding.ip, dst, CONNECT_TIMEOUT)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => return Err(dial_error(&node.name, dst, &e)),
+            };
+            Ok(connect_tunnel(req, stream, grant, log))
+        }
         _ => {
             let upgrade = is_upgrade(req.headers());
             if upgrade {
                 log.rec.form = "websocket".to_string();
             }
             let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-            forward(req, stream, &target, grant, log, client_upgrade).await
+            let key = (grant.binding.id, dst);
+            // An idle connection of this binding to this target, if one is
+            // ready (an upgrade takes its connection over: always a new one).
+            let mut pooled = if upgrade { None } else { gw.pool.take(&key) };
+            if let Some(sender) = pooled.as_mut() {
+                if sender.ready().await.is_err() {
+                    pooled = None;
+                }
+            }
+            let sender = match pooled {
+                Some(s) => s,
+                None => dial_http(&grant, &node.name, dst, &target).await?,
+            };
+            let reuse = (!upgrade).then(|| (gw.clone(), key));
+            forward(req, sender, &target, grant, log, client_upgrade, reuse).await
         }
     }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<GwBody>;
+
+/// How long an idle upstream connection is kept for the next request of the
+/// same binding to the same target. Short: servers close idle keep-alive
+/// connections after a few seconds (Node.js after 5), and a request sent on
+/// a connection the server is closing fails.
+const POOL_IDLE: Duration = Duration::from_secs(2);
+/// Idle connections kept per binding and target.
+const POOL_MAX_PER_KEY: usize = 64;
+
+/// Idle HTTP/1 connections to targets, by binding and target: back-to-back
+/// requests skip a TCP handshake through the mesh.
+#[derive(Default)]
+pub(crate) struct Pool {
+    idle: std::sync::Mutex<std::collections::HashMap<(i64, SocketAddrV4), Vec<(Sender, Instant)>>>,
+}
+
+impl Pool {
+    fn take(&self, key: &(i64, SocketAddrV4)) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(key)?;
+        let mut found = None;
+        while let Some((s, since)) = list.pop() {
+            if since.elapsed() < POOL_IDLE && !s.is_closed() {
+                found = Some(s);
+                break;
+            }
+        }
+        if list.is_empty() {
+            idle.remove(key);
+        }
+        found
+    }
+
+    fn put(&self, key: (i64, SocketAddrV4), s: Sender) {
+        if s.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget what went stale everywhere while we are here (cheap: few keys).
+        idle.retain(|_, l| {
+            l.retain(|(s, t)| t.elapsed() < POOL_IDLE && !s.is_closed());
+            !l.is_empty()
+        });
+        let list = idle.entry(key).or_default();
+        if list.len() < POOL_MAX_PER_KEY {
+            list.push((s, Instant::now()));
+        }
+    }
+}
+
+/// A new HTTP/1 connection to `dst` from the binding's address.
+async fn dial_http(
+    grant: &Grant,
+    node: &str,
+    dst: SocketAddrV4,
+    target: &Target,
+) -> Result<Sender, GwError> {
+    let stream = match grant
+        .member
+        .connect(grant.binding.ip, dst, CONNECT_TIMEOUT)
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return Err(dial_error(node, dst, &e)),
+    };
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| {
+            GwError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!("cannot talk HTTP to {}: {e}", target.authority()),
+            )
+        })?;
+    let cancel = grant.cancel.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            r = conn.with_upgrades() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "gateway upstream connection ended with an error");
+                }
+            }
+            _ = cancel.cancelled() => {}
+        }
+    });
+    Ok(sender)
 }
 
 fn dial_error(node: &str, dst: SocketAddrV4, e: &std::io::Error) -> GwError {
@@ -682,6 +787,18 @@ struct Tracked<B> {
     count: Arc<AtomicU64>,
     cancel: Pin<Box<WaitForCancellationFutureOwned>>,
     log: Option<Log>,
+    /// The upstream connection goes back to the pool when the body ends well.
+    reuse: Option<(Arc<Gateway>, (i64, SocketAddrV4), Sender)>,
+}
+
+impl<B> Tracked<B> {
+    /// The body ended well: the record goes out, the connection back to the pool.
+    fn finish(&mut self) {
+        self.log = None;
+        if let Some((gw, key, sender)) = self.reuse.take() {
+            gw.pool.put(key, sender);
+        }
+    }
 }
 
 impl<B> HttpBody for Tracked<B>
@@ -708,6 +825,10 @@ where
                 if let Some(d) = frame.data_ref() {
                     self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
                 }
+                // hyper stops polling a body that says it has ended.
+                if self.inner.is_end_stream() {
+                    self.finish();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -718,7 +839,7 @@ where
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
-                self.log = None;
+                self.finish();
                 Poll::Ready(None)
             }
             Poll::Pending => Poll::Pending,
@@ -736,30 +857,17 @@ where
 
 /// The HTTP forms: send the request to the target over `stream` and answer
 /// with its response, streaming both bodies.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     req: Request<Incoming>,
-    stream: super::netstack::TcpStream,
+    mut sender: Sender,
     target: &Target,
     grant: Grant,
     log: &mut Log,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    reuse: Option<(Arc<Gateway>, (i64, SocketAddrV4))>,
 ) -> Result<Response<GwBody>, GwError> {
     let upstream_err = |m: String| GwError::new(StatusCode::BAD_GATEWAY, "upstream_error", m);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| upstream_err(format!("cannot talk HTTP to {}: {e}", target.authority())))?;
-    let cancel = grant.cancel.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            r = conn.with_upgrades() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "gateway upstream connection ended with an error");
-                }
-            }
-            _ = cancel.cancelled() => {}
-        }
-    });
-
     let (mut parts, body) = req.into_parts();
     let upgrade = client_upgrade.is_some();
     strip_hop_headers(&mut parts.headers, upgrade);
@@ -785,6 +893,7 @@ async fn forward(
         count: log.up.clone(),
         cancel: Box::pin(grant.cancel.clone().cancelled_owned()),
         log: None,
+        reuse: None,
     };
     let out = Request::from_parts(parts, up_body.boxed());
     let mut resp = match tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(out)).await {
@@ -853,6 +962,7 @@ async fn forward(
         count: down,
         cancel: Box::pin(grant.cancel.clone().cancelled_owned()),
         log: Some(owned),
+        reuse: reuse.map(|(gw, key)| (gw, key, sender)),
     };
     Ok(Response::from_parts(parts, body.boxed()))
 }

@@ -157,6 +157,8 @@ pub struct Gateway {
     hub: Arc<crate::RelayHub>,
     inner: Mutex<Inner>,
     records: mpsc::Sender<RequestRecord>,
+    /// Idle upstream HTTP connections.
+    pool: http::Pool,
 }
 
 #[derive(Default)]
@@ -242,6 +244,7 @@ impl Gateway {
             hub,
             inner: Default::default(),
             records,
+            pool: Default::default(),
         };
         (Arc::new(gw), rx)
     }

@@ -148,6 +148,7 @@ async fn serve_http(stream: netstack::TcpStream, peer: SocketAddrV4) {
                 }
             }
             "/who" => format!("{}\n", peer.ip()),
+            "/port" => format!("{}\n", peer.port()),
             "/echo" => format!("auth={auth} body={}", String::from_utf8_lossy(&body)),
             "/stream" => {
                 let _ = w
@@ -629,4 +630,23 @@ async fn the_gateway_speaks_tls_when_given_a_certificate() {
     )
     .await;
     assert_eq!(status, 0);
+}
+
+#[tokio::test]
+async fn back_to_back_requests_reuse_the_upstream_connection() {
+    let s = setup(None).await;
+    let mut ports = Vec::new();
+    for _ in 0..3 {
+        let (status, head, body) = exchange(
+            s.addr,
+            &proxy_get("http://web.acme.mesh/port", Some(&good_auth())),
+        )
+        .await;
+        assert_eq!(status, 200, "{head}");
+        ports.push(dechunk(&head, &body));
+    }
+    assert!(
+        ports.windows(2).all(|w| w[0] == w[1]),
+        "one upstream connection serves consecutive requests: {ports:?}"
+    );
 }
