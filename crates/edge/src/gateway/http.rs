@@ -372,6 +372,8 @@ async fn route(
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<GwBody>;
+/// A binding and a target.
+type PoolKey = (i64, SocketAddrV4);
 
 /// How long an idle upstream connection is kept for the next request of the
 /// same binding to the same target. Short: servers close idle keep-alive
@@ -385,7 +387,7 @@ const POOL_MAX_PER_KEY: usize = 64;
 /// requests skip a TCP handshake through the mesh.
 #[derive(Default)]
 pub(crate) struct Pool {
-    idle: std::sync::Mutex<std::collections::HashMap<(i64, SocketAddrV4), Vec<(Sender, Instant)>>>,
+    idle: std::sync::Mutex<std::collections::HashMap<PoolKey, Vec<(Sender, Instant)>>>,
 }
 
 impl Pool {
