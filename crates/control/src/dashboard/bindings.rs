@@ -91,7 +91,8 @@ fn sentence(m: &str) -> String {
 pub struct NewBinding {
     pub name: String,
     pub ip: String,
-    pub expires: String,
+    /// When it stops working; None never.
+    pub expires: Option<String>,
     /// `MESH=SCHEME://b_<id>:<secret>@HOST:PORT`.
     pub line: String,
     pub curl: String,
@@ -117,11 +118,7 @@ fn new_binding(made: &CreateBindingResponse, example: &str) -> NewBinding {
     NewBinding {
         name: made.binding.name.clone(),
         ip: made.binding.ip.to_string(),
-        expires: made
-            .binding
-            .expires_at
-            .map(rfc3339)
-            .unwrap_or_else(|| "never".into()),
+        expires: made.binding.expires_at.map(rfc3339),
         line: format!("MESH={}", made.url),
         curl: format!("curl --proxy \"$MESH\" {example}"),
         python: format!(
@@ -623,7 +620,7 @@ mod tests {
         assert!(n
             .js
             .contains("mesh(env.MESH).fetch('http://db.home.mesh/')"));
-        assert_eq!(n.expires, "never");
+        assert_eq!(n.expires, None);
     }
 
     #[test]
