@@ -2,7 +2,9 @@
 //! WebDriver (chromedriver) with `fantoccini`, walks the dashboard as a new
 //! user would — setup link from the server's output, admin account, network
 //! name, the join command run on two fresh machines, the devices coming
-//! online, "test the connection" — and times it from the server's start.
+//! online, "test the connection", a binding for an agent (the optional
+//! step; the page shows its `MESH=http://b_...` line) — and times it from
+//! the server's start.
 //!
 //! The browser runs in the server's network namespace (chromedriver listens
 //! on that namespace's loopback; the WebDriver client runs on a thread that
@@ -352,9 +354,51 @@ impl Browser<'_> {
             ));
         }
 
-        // 6. Done.
+        // 6. Optional: connect an agent with a binding.
         self.click("a#next").await?;
-        self.wait_for("#done", "after the test page").await?;
+        let name = self
+            .wait_for("form#create-binding input[name=name]", "the agent step")
+            .await?;
+        let prefilled = name
+            .prop("value")
+            .await
+            .map_err(|e| format!("reading the binding name: {e}"))?
+            .unwrap_or_default();
+        if prefilled != "agent" {
+            return Err(format!(
+                "the agent step should suggest the name \"agent\"; it shows {prefilled:?}"
+            ));
+        }
+        self.shot("agent-step").await;
+        self.click("form#create-binding button[type=submit]")
+            .await?;
+        let line = self
+            .wait_for("pre#binding-line", "after creating the binding")
+            .await?
+            .text()
+            .await
+            .map_err(|e| format!("reading pre#binding-line: {e}"))?
+            .trim()
+            .to_string();
+        if !line.starts_with("MESH=http://b_") || line.lines().count() != 1 {
+            return Err(format!(
+                "pre#binding-line should hold one line MESH=http://b_...; it holds {line:?}"
+            ));
+        }
+        let curl = self
+            .wait_for("pre#snippet-curl", "the curl snippet")
+            .await?
+            .text()
+            .await
+            .map_err(|e| format!("reading pre#snippet-curl: {e}"))?;
+        if !curl.contains("curl --proxy \"$MESH\" http://") || !curl.contains(".home-lab.mesh/") {
+            return Err(format!("the curl snippet is {curl:?}"));
+        }
+        self.shot("wizard-binding").await;
+
+        // 7. Done.
+        self.click("a#finish").await?;
+        self.wait_for("#done", "after the agent step").await?;
         self.shot("done").await;
         Ok(result)
     }

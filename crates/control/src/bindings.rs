@@ -607,29 +607,38 @@ pub async fn create_binding(
     admin: Admin,
     ApiJson(req): ApiJson<CreateBindingRequest>,
 ) -> Result<(StatusCode, Json<CreateBindingResponse>), ApiErr> {
+    let made = create(&st, &admin.account, &req, &admin.actor).await?;
+    Ok((StatusCode::CREATED, Json(made)))
+}
+
+/// Creates a binding for `account` as `actor` — what `POST /bindings` and
+/// the dashboard both do: checks the input, needs a gateway, stores it with
+/// its audit entry and tells the account's nodes and the gateway. The
+/// answer's URL holds the secret (shown once).
+pub async fn create(
+    st: &AppState,
+    account: &Account,
+    req: &CreateBindingRequest,
+    actor: &str,
+) -> Result<CreateBindingResponse, ApiErr> {
     validate_name("binding", &req.name).map_err(bad)?;
     clean_tags(&req.tags).map_err(bad)?;
     check_ttl(req.ttl_secs).map_err(bad)?;
-    let front = st.gateway.clone().ok_or_else(|| {
-        ApiErr::new(
-            StatusCode::CONFLICT,
-            "this server runs no fetch gateway, so bindings cannot be used; start it with --gateway-listen ADDR (default 0.0.0.0:8443)",
-        )
-    })?;
-    let (binding, secret) = st
-        .store
-        .create_binding(&admin.account, &req, now(), &admin.actor)
-        .await?;
-    st.hub.notify(admin.account.id);
-    tracing::info!(account = %admin.account.name, binding = %binding.name, ip = %binding.ip, "binding created");
-    Ok((
-        StatusCode::CREATED,
-        Json(CreateBindingResponse {
-            url: front.url(&binding.public_id, &secret),
-            binding: binding.info(&admin.account.name),
-        }),
-    ))
+    let front = st
+        .gateway
+        .clone()
+        .ok_or_else(|| ApiErr::new(StatusCode::CONFLICT, NO_GATEWAY))?;
+    let (binding, secret) = st.store.create_binding(account, req, now(), actor).await?;
+    st.hub.notify(account.id);
+    tracing::info!(account = %account.name, binding = %binding.name, ip = %binding.ip, actor = %actor, "binding created");
+    Ok(CreateBindingResponse {
+        url: front.url(&binding.public_id, &secret),
+        binding: binding.info(&account.name),
+    })
 }
+
+/// Why bindings cannot be created on a server without a gateway.
+pub const NO_GATEWAY: &str = "this server runs no fetch gateway, so bindings cannot be used; start it with --gateway-listen ADDR (default 0.0.0.0:8443)";
 
 /// Lists the account's bindings, revoked ones too, with their usage.
 #[utoipa::path(get, path = "/api/v1/bindings", tag = "bindings",
@@ -679,14 +688,24 @@ pub async fn revoke_binding(
     admin: Admin,
     Path(name): Path<String>,
 ) -> Result<Json<BindingInfo>, ApiErr> {
-    validate_name("binding", &name).map_err(bad)?;
-    let b = st
-        .store
-        .revoke_binding(&admin.account, &name, now(), &admin.actor)
-        .await?;
-    st.hub.notify(admin.account.id);
-    tracing::info!(account = %admin.account.name, binding = %name, "binding revoked");
+    let b = revoke(&st, &admin.account, &name, &admin.actor).await?;
     Ok(Json(b.info(&admin.account.name)))
+}
+
+/// Revokes `account`'s binding `name` as `actor` — what `DELETE
+/// /bindings/{name}` and the dashboard both do: the audit entry, and the
+/// nodes and the gateway told.
+pub async fn revoke(
+    st: &AppState,
+    account: &Account,
+    name: &str,
+    actor: &str,
+) -> Result<Binding, ApiErr> {
+    validate_name("binding", name).map_err(bad)?;
+    let b = st.store.revoke_binding(account, name, now(), actor).await?;
+    st.hub.notify(account.id);
+    tracing::info!(account = %account.name, binding = %name, actor = %actor, "binding revoked");
+    Ok(b)
 }
 
 /// Query parameters of `GET /logs/requests`.
@@ -705,7 +724,7 @@ pub struct RequestParams {
 }
 
 impl RequestParams {
-    fn filter(&self, now_ms: i64) -> Result<RequestFilter, ApiErr> {
+    pub(crate) fn filter(&self, now_ms: i64) -> Result<RequestFilter, ApiErr> {
         let nonempty = |o: &Option<String>| o.as_ref().filter(|s| !s.is_empty()).cloned();
         let since_ms = nonempty(&self.since)
             .map(|s| parse_time("since", &s, now_ms))
@@ -743,7 +762,7 @@ impl RequestParams {
         }
     }
 
-    fn before_id(&self) -> Result<Option<i64>, ApiErr> {
+    pub(crate) fn before_id(&self) -> Result<Option<i64>, ApiErr> {
         match self.before_id.as_deref().filter(|s| !s.is_empty()) {
             None => Ok(None),
             Some(s) => match s.parse::<i64>() {

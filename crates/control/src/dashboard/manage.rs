@@ -75,7 +75,7 @@ fn actor(s: &Sess) -> String {
 }
 
 /// The session, the CSRF check and the parsed form of a POST.
-async fn posted<T: for<'de> Deserialize<'de>>(
+pub(super) async fn posted<T: for<'de> Deserialize<'de>>(
     st: &AppState,
     headers: &HeaderMap,
     body: &Bytes,
@@ -115,7 +115,7 @@ fn api_readable(e: ApiErr) -> Result<(StatusCode, String), Response> {
 }
 
 /// Splits "a, b,,c" into tags and checks each.
-fn parse_tags(raw: &str) -> Result<Vec<String>, String> {
+pub(super) fn parse_tags(raw: &str) -> Result<Vec<String>, String> {
     let mut tags: Vec<String> = Vec::new();
     for t in raw.split(',').map(str::trim).filter(|t| !t.is_empty()) {
         let t = t.to_lowercase();

@@ -10,6 +10,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod auth;
+mod bindings;
 pub mod db;
 pub mod install;
 mod manage;
@@ -87,6 +88,7 @@ pub fn router() -> Router<AppState> {
         .route("/assets/dash.css", get(css))
         .route("/assets/dash.js", get(js))
         .merge(manage::routes())
+        .merge(bindings::routes())
         .fallback(not_found)
         .layer(map_response(security_headers))
 }
