@@ -854,3 +854,54 @@ fn trellis_proxy_and_trellis_mcp_reach_a_private_page() {
     });
     sl.lab.check(r, "proxy and MCP requests in the request log");
 }
+
+#[test]
+fn a_binding_reaches_a_lan_host_behind_a_mesh_node() {
+    let Some(mut sl) = ServerLab::new() else {
+        return;
+    };
+    let key = sl.key.clone();
+    // The LAN: a host with no Trellis, serving HTTP on 198.19.10.5:8080.
+    let lan = sl.lab.new_switch("lan");
+    let lanhost = sl.lab.host_on(&lan, "lanhost", "198.19.10.5/24");
+    let web = std::net::SocketAddr::from(([198, 19, 10, 5], 8080));
+    let _web = sl
+        .lab
+        .check(http_serve(&lanhost.ns, web, "lanhost"), "http server on lanhost");
+    let token = sl.lab.create_token(
+        &sl.srv,
+        TokenOpts {
+            reusable: true,
+            routes_auto_approve: true,
+            ..Default::default()
+        },
+    );
+    let gwh = sl.new_host("office");
+    sl.lab.attach(&gwh, &lan, "eth1", "198.19.10.1/24");
+    let node = sl.lab.join_with(
+        &gwh,
+        &sl.srv,
+        "office",
+        &token,
+        None,
+        &["--advertise-routes", "198.19.10.0/24"],
+    );
+    sl.lab.wait_ready(&node);
+    let mesh = sl.binding(&key, "lan-agent", &[]);
+    let agent = sl.new_host("agent");
+    let r = eventually(Instant::now() + Duration::from_secs(30), || {
+        match sl.curl(&agent, &["--proxy", &mesh, "http://198.19.10.5:8080/"]) {
+            (200, b) if b.starts_with("server=lanhost\n") => Ok(b),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let body = sl.lab.check(r, "the LAN host through the gateway and the mesh node");
+    // Masqueraded by the mesh node onto the LAN.
+    assert!(body.contains("peer=198.19.10.1:"), "{body}");
+    let logs = sl.requests(&key);
+    assert!(
+        logs.iter()
+            .any(|r| r["dst_ip"] == "198.19.10.5" && r["node"] == "office" && r["status"] == 200),
+        "the request names the mesh node that carried it: {logs:#?}"
+    );
+}
