@@ -865,9 +865,10 @@ fn a_binding_reaches_a_lan_host_behind_a_mesh_node() {
     let lan = sl.lab.new_switch("lan");
     let lanhost = sl.lab.host_on(&lan, "lanhost", "198.19.10.5/24");
     let web = std::net::SocketAddr::from(([198, 19, 10, 5], 8080));
-    let _web = sl
-        .lab
-        .check(http_serve(&lanhost.ns, web, "lanhost"), "http server on lanhost");
+    let _web = sl.lab.check(
+        http_serve(&lanhost.ns, web, "lanhost"),
+        "http server on lanhost",
+    );
     let token = sl.lab.create_token(
         &sl.srv,
         TokenOpts {
@@ -895,13 +896,23 @@ fn a_binding_reaches_a_lan_host_behind_a_mesh_node() {
             other => Err(format!("{other:?}")),
         }
     });
-    let body = sl.lab.check(r, "the LAN host through the gateway and the mesh node");
+    let body = sl
+        .lab
+        .check(r, "the LAN host through the gateway and the mesh node");
     // Masqueraded by the mesh node onto the LAN.
     assert!(body.contains("peer=198.19.10.1:"), "{body}");
-    let logs = sl.requests(&key);
-    assert!(
-        logs.iter()
-            .any(|r| r["dst_ip"] == "198.19.10.5" && r["node"] == "office" && r["status"] == 200),
-        "the request names the mesh node that carried it: {logs:#?}"
-    );
+    let r = eventually(Instant::now() + Duration::from_secs(5), || {
+        let logs = sl.requests(&key);
+        if logs
+            .iter()
+            .any(|r| r["dst_ip"] == "198.19.10.5" && r["node"] == "office" && r["status"] == 200)
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "the request names the mesh node that carried it: {logs:#?}"
+            ))
+        }
+    });
+    sl.lab.check(r, "request log");
 }
