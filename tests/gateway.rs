@@ -570,6 +570,16 @@ fn a_binding_reaches_only_its_own_account_even_at_the_same_addresses() {
     );
     assert_eq!(code, 404, "{body}");
     assert!(!body.contains("ok from web"));
+
+    // Bindings survive a server restart: the same line works again.
+    sl.lab.restart_server(&mut sl.srv);
+    let r = eventually(Instant::now() + Duration::from_secs(30), || {
+        match sl.curl(&agent, &["--proxy", &ours, &url]) {
+            (200, b) if b == "ok from web\n" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    sl.lab.check(r, "the binding after a server restart");
 }
 
 #[test]
