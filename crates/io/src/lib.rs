@@ -6,6 +6,13 @@
 //! per batch, and writes its outputs after releasing it. Buffers are allocated
 //! once at start; the UDP side uses `quinn-udp` for recvmmsg/GRO and GSO so
 //! that a batch costs few syscalls.
+//!
+//! On Linux the TUN device is opened with offloads when the kernel allows it
+//! (`IFF_VNET_HDR` with TSO4/TSO6, and USO where supported): one read brings
+//! a TCP or UDP "super-packet" of up to 64 KiB that is split here into
+//! MTU-sized IP packets before encryption, and the packets decrypted from
+//! one receive batch are coalesced per flow (GRO) so that one write hands the
+//! kernel up to 64 KiB. `TRELLIS_TUN_OFFLOAD=0` turns this off.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -20,10 +27,19 @@ pub mod batch;
 use anyhow::Context;
 pub use batch::{wait_fd, BatchSocket, Out, RecvBufs};
 use trellis_tunnel::{Action, PingError, PingResult, Tunnel, Via, MIN_BUFFER};
-use tun_rs::{DeviceBuilder, SyncDevice};
+use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
-/// Packets read from the TUN device per batch.
+/// Packets read from the TUN device per batch without offloads.
 const TUN_BATCH: usize = 64;
+/// Packet slots per batch with offloads: another read is made while a whole
+/// split super-packet still fits.
+const TUN_OFFLOAD_SLOTS: usize = 2 * IDEAL_BATCH_SIZE;
+/// Packets coalesced per TUN write batch (GRO) with offloads.
+const GRO_BATCH: usize = IDEAL_BATCH_SIZE;
+/// Largest IP packet, and so the largest coalesced write.
+const MAX_IP_PACKET: usize = 65_535;
+/// Environment variable that turns TUN offloads off (`0`, `false`, `off`, `no`).
+pub const OFFLOAD_ENV: &str = "TRELLIS_TUN_OFFLOAD";
 /// How often the threads look at the stop flag when idle.
 const IDLE_POLL_MS: i32 = 200;
 const TIMER_TICK: Duration = Duration::from_millis(100);
@@ -60,6 +76,8 @@ struct Shared {
     stop: AtomicBool,
     counters: Counters,
     mtu: usize,
+    /// The TUN device carries a virtio-net header on every read and write.
+    offload: bool,
 }
 
 /// A running data plane. Dropping it (or [`DataPlane::stop`]) stops the
@@ -72,17 +90,43 @@ pub struct DataPlane {
 
 impl DataPlane {
     pub fn start(config: &DataPlaneConfig, tunnel: Tunnel) -> anyhow::Result<DataPlane> {
-        let tun = DeviceBuilder::new()
-            .name(&config.ifname)
-            .ipv4(config.address, config.prefix_len, None)
-            .mtu(config.mtu)
-            .build_sync()
-            .with_context(|| {
+        let build = |offload: bool| {
+            DeviceBuilder::new()
+                .name(&config.ifname)
+                .ipv4(config.address, config.prefix_len, None)
+                .mtu(config.mtu)
+                .offload(offload)
+                .build_sync()
+        };
+        let tun = if offload_wanted() {
+            match build(true) {
+                Ok(tun) => Some(tun),
+                Err(e) => {
+                    tracing::info!(error = %e, "TUN offloads refused by the kernel; using plain reads and writes");
+                    None
+                }
+            }
+        } else {
+            tracing::info!("TUN offloads turned off ({OFFLOAD_ENV}=0)");
+            None
+        };
+        let tun = match tun {
+            Some(tun) => tun,
+            None => build(false).with_context(|| {
                 format!(
                     "cannot create TUN interface {} (needs root or CAP_NET_ADMIN and /dev/net/tun)",
                     config.ifname
                 )
-            })?;
+            })?,
+        };
+        let offload = tun.tcp_gso();
+        if offload {
+            tracing::info!(
+                udp = tun.udp_gso(),
+                "TUN offloads on: TCP segmentation and coalescing{}",
+                if tun.udp_gso() { ", UDP too" } else { "" }
+            );
+        }
         tun.set_nonblocking(true)
             .context("setting the TUN device non-blocking")?;
 
@@ -98,6 +142,7 @@ impl DataPlane {
             stop: AtomicBool::new(false),
             counters: Counters::default(),
             mtu: config.mtu as usize,
+            offload,
         });
         let mut threads = Vec::new();
         for (name, f) in [
@@ -117,6 +162,7 @@ impl DataPlane {
             ifname = %config.ifname,
             address = %config.address,
             listen_port,
+            offload,
             "data plane up"
         );
         Ok(DataPlane {
@@ -220,6 +266,11 @@ impl DataPlane {
         &self.shared.counters
     }
 
+    /// Whether the TUN device runs with offloads (large reads and coalesced writes).
+    pub fn offload(&self) -> bool {
+        self.shared.offload
+    }
+
     pub fn stop(mut self) {
         self.shutdown();
     }
@@ -236,6 +287,18 @@ impl Drop for DataPlane {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Offloads are on unless `TRELLIS_TUN_OFFLOAD` says otherwise.
+fn offload_wanted() -> bool {
+    offload_setting(std::env::var(OFFLOAD_ENV).ok().as_deref())
+}
+
+fn offload_setting(value: Option<&str>) -> bool {
+    !matches!(
+        value.map(|v| v.trim().to_ascii_lowercase()).as_deref(),
+        Some("0" | "false" | "off" | "no")
+    )
 }
 
 fn lock(m: &Mutex<Tunnel>) -> MutexGuard<'_, Tunnel> {
@@ -289,25 +352,45 @@ fn send_all(s: &Shared, buf: &[u8], outs: &[Out]) {
 /// TUN → encrypt → UDP.
 fn tun_loop(s: &Shared) {
     let slot = s.mtu + 64;
-    let mut packets = vec![0u8; TUN_BATCH * slot];
-    let mut lens = [0usize; TUN_BATCH];
+    let (slots, room) = if s.offload {
+        // A read may split into many packets: read again only while a
+        // whole super-packet's worth of slots is free.
+        (TUN_OFFLOAD_SLOTS, IDEAL_BATCH_SIZE)
+    } else {
+        (TUN_BATCH, 1)
+    };
+    let mut packets: Vec<Vec<u8>> = (0..slots).map(|_| vec![0u8; slot]).collect();
+    let mut lens = vec![0usize; slots];
+    // Where a read with offloads lands before it is split.
+    let raw_len = if s.offload {
+        VIRTIO_NET_HDR_LEN + MAX_IP_PACKET
+    } else {
+        0
+    };
+    let mut raw = vec![0u8; raw_len];
     let out_slot = slot + trellis_tunnel::DATA_OVERHEAD + MIN_BUFFER;
-    let mut out = vec![0u8; TUN_BATCH * out_slot];
-    let mut outs: Vec<Out> = Vec::with_capacity(TUN_BATCH);
+    let mut out = vec![0u8; slots * out_slot];
+    let mut outs: Vec<Out> = Vec::with_capacity(slots);
     let fd = s.tun.as_raw_fd();
     while !s.stop.load(Ordering::Relaxed) {
         if !wait_fd(fd, libc::POLLIN, IDLE_POLL_MS) {
             continue;
         }
         let mut n = 0;
-        while n < TUN_BATCH {
-            match s.tun.recv(&mut packets[n * slot..(n + 1) * slot]) {
-                Ok(len) => {
-                    lens[n] = len;
-                    n += 1;
-                }
+        while n + room <= slots {
+            match s
+                .tun
+                .recv_multiple(&mut raw, &mut packets[n..], &mut lens[n..], 0)
+            {
+                Ok(k) => n += k,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if s.offload && e.raw_os_error().is_none() => {
+                    // A super-packet this side cannot split: it is lost, as
+                    // on a wire; the sender retransmits.
+                    s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "dropping a TUN packet that cannot be split");
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "reading the TUN device failed");
                     std::thread::sleep(Duration::from_millis(50));
@@ -326,8 +409,8 @@ fn tun_loop(s: &Shared) {
         {
             let now = Instant::now();
             let mut tunnel = lock(&s.tunnel);
-            for (k, len) in lens.iter().enumerate().take(n) {
-                let packet = &packets[k * slot..k * slot + len];
+            for (buf, &len) in packets.iter().zip(&lens).take(n) {
+                let packet = &buf[..len];
                 match tunnel.handle_tun_packet(now, packet, &mut out[cursor..]) {
                     Action::Send { to, offset, len } => {
                         outs.push(Out {
@@ -357,6 +440,65 @@ fn tun_loop(s: &Shared) {
     }
 }
 
+/// Decrypted packets on their way to the TUN device: written one by one, or,
+/// with offloads, coalesced per flow (GRO) and written in one go per batch.
+struct TunWriter {
+    /// With offloads: one buffer per packet, the packet after a virtio-net
+    /// header's room; each can grow to a whole coalesced packet.
+    bufs: Vec<Vec<u8>>,
+    filled: usize,
+    gro: GROTable,
+}
+
+impl TunWriter {
+    fn new(offload: bool) -> TunWriter {
+        // Coalescing needs room for the header twice and a full IP packet,
+        // and never grows a buffer beyond its capacity.
+        let bufs = if offload {
+            (0..GRO_BATCH)
+                .map(|_| Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + MAX_IP_PACKET))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        TunWriter {
+            bufs,
+            filled: 0,
+            gro: GROTable::new(),
+        }
+    }
+
+    fn push(&mut self, s: &Shared, packet: &[u8]) {
+        if !s.offload {
+            write_tun(s, packet);
+            return;
+        }
+        if self.filled == self.bufs.len() {
+            self.flush(s);
+        }
+        let buf = &mut self.bufs[self.filled];
+        buf.clear();
+        buf.extend_from_slice(&[0u8; VIRTIO_NET_HDR_LEN]);
+        buf.extend_from_slice(packet);
+        self.filled += 1;
+    }
+
+    fn flush(&mut self, s: &Shared) {
+        if self.filled == 0 {
+            return;
+        }
+        let n = self.filled;
+        self.filled = 0;
+        if let Err(e) = s
+            .tun
+            .send_multiple(&mut self.gro, &mut self.bufs[..n], VIRTIO_NET_HDR_LEN)
+        {
+            tracing::debug!(error = %e, "writing to the TUN device failed");
+            s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// UDP → decrypt → TUN.
 fn udp_loop(s: &Shared) {
     let mut bufs = RecvBufs::default();
@@ -365,6 +507,7 @@ fn udp_loop(s: &Shared) {
     let mut delivered: Vec<(usize, usize)> = Vec::with_capacity(4096);
     let mut ctrl = vec![0u8; 64 * 2048];
     let mut ctrl_outs: Vec<Out> = Vec::with_capacity(64);
+    let mut writer = TunWriter::new(s.offload);
     while !s.stop.load(Ordering::Relaxed) {
         if !s.udp.wait_readable(IDLE_POLL_MS) {
             continue;
@@ -414,8 +557,9 @@ fn udp_loop(s: &Shared) {
                 }
             }
             for &(off, len) in &delivered {
-                write_tun(s, &plain[off..off + len]);
+                writer.push(s, &plain[off..off + len]);
             }
+            writer.flush(s);
             send_all(s, &ctrl, &ctrl_outs);
         }
     }
@@ -465,12 +609,38 @@ fn push_ctrl(
     *cursor += bytes.len();
 }
 
+/// Writes one packet to the TUN device (with an empty virtio-net header
+/// in front when offloads are on).
 fn write_tun(s: &Shared, packet: &[u8]) {
+    let header = [0u8; VIRTIO_NET_HDR_LEN];
+    let fd = s.tun.as_raw_fd();
     for _ in 0..50 {
-        match s.tun.send(packet) {
-            Ok(_) => return,
+        let result = if s.offload {
+            let iov = [
+                libc::iovec {
+                    iov_base: header.as_ptr() as *mut libc::c_void,
+                    iov_len: header.len(),
+                },
+                libc::iovec {
+                    iov_base: packet.as_ptr() as *mut libc::c_void,
+                    iov_len: packet.len(),
+                },
+            ];
+            // SAFETY: both iovecs point into live buffers for the duration
+            // of the call, which only reads from them.
+            let n = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        } else {
+            s.tun.send(packet).map(|_| ())
+        };
+        match result {
+            Ok(()) => return,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                wait_fd(s.tun.as_raw_fd(), libc::POLLOUT, 10);
+                wait_fd(fd, libc::POLLOUT, 10);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -501,5 +671,20 @@ fn timer_loop(s: &Shared) {
             });
         }
         send_all(s, &buf, &outs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offloads_are_on_unless_the_environment_says_off() {
+        assert!(offload_setting(None));
+        assert!(offload_setting(Some("1")));
+        assert!(offload_setting(Some("on")));
+        for off in ["0", "false", "OFF", " no "] {
+            assert!(!offload_setting(Some(off)), "{off:?} turns offloads off");
+        }
     }
 }
