@@ -34,7 +34,7 @@ use trellis_proto::{
 
 use crate::api::{now, Admin, ApiErr, ApiJson, AppState};
 use crate::audit::{self, action};
-use crate::flows::{clean, now_ms, parse_time, sat};
+use crate::flows::{clean, now_ms, sat};
 use crate::map::{peer_of, AccountView};
 use crate::store::{lowest_free_ip, rfc3339, used_ips, Account, Store, StoreError, StoreResult};
 
@@ -55,9 +55,6 @@ pub const INGEST_INTERVAL: Duration = Duration::from_millis(200);
 pub const EXPIRY_CHECK: Duration = Duration::from_secs(1);
 /// Name of the gateway's member in network maps (its peer id is 0).
 pub const GATEWAY_PEER_NAME: &str = "gateway";
-/// Default and largest page of `GET /logs/requests`.
-pub const DEFAULT_LIMIT: i64 = 100;
-pub const MAX_LIMIT: i64 = 1000;
 
 const BASE32: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
 
@@ -726,19 +723,7 @@ pub struct RequestParams {
 impl RequestParams {
     pub(crate) fn filter(&self, now_ms: i64) -> Result<RequestFilter, ApiErr> {
         let nonempty = |o: &Option<String>| o.as_ref().filter(|s| !s.is_empty()).cloned();
-        let since_ms = nonempty(&self.since)
-            .map(|s| parse_time("since", &s, now_ms))
-            .transpose()
-            .map_err(bad)?;
-        let until_ms = nonempty(&self.until)
-            .map(|s| parse_time("until", &s, now_ms))
-            .transpose()
-            .map_err(bad)?;
-        if let (Some(s), Some(u)) = (since_ms, until_ms) {
-            if s > u {
-                return Err(bad("since is after until: nothing can match"));
-            }
-        }
+        let (since_ms, until_ms) = crate::flows::parse_window(&self.since, &self.until, now_ms)?;
         let binding = nonempty(&self.binding);
         if let Some(b) = &binding {
             validate_name("binding", b).map_err(|e| bad(format!("invalid binding={b:?}: {e}")))?;
@@ -751,27 +736,11 @@ impl RequestParams {
     }
 
     fn limit(&self) -> Result<i64, ApiErr> {
-        match self.limit.as_deref().filter(|s| !s.is_empty()) {
-            None => Ok(DEFAULT_LIMIT),
-            Some(s) => match s.parse::<i64>() {
-                Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-                _ => Err(bad(format!(
-                    "invalid limit={s:?}: give a number from 1 to {MAX_LIMIT}"
-                ))),
-            },
-        }
+        crate::flows::parse_limit(self.limit.as_deref())
     }
 
     pub(crate) fn before_id(&self) -> Result<Option<i64>, ApiErr> {
-        match self.before_id.as_deref().filter(|s| !s.is_empty()) {
-            None => Ok(None),
-            Some(s) => match s.parse::<i64>() {
-                Ok(n) if n > 0 => Ok(Some(n)),
-                _ => Err(bad(format!(
-                    "invalid before_id={s:?}: give the next_before_id of the previous page"
-                ))),
-            },
-        }
+        crate::flows::parse_before_id(self.before_id.as_deref())
     }
 }
 

@@ -614,22 +614,59 @@ fn params(uri: &Uri) -> Result<FlowParams, ApiErr> {
         })
 }
 
+/// `since`/`until` of a log query (a time ago or unix seconds) in unix ms.
+pub(crate) fn parse_window(
+    since: &Option<String>,
+    until: &Option<String>,
+    now_ms: i64,
+) -> Result<(Option<i64>, Option<i64>), ApiErr> {
+    let nonempty = |o: &Option<String>| o.as_ref().filter(|s| !s.is_empty()).cloned();
+    let since_ms = nonempty(since)
+        .map(|s| parse_time("since", &s, now_ms))
+        .transpose()
+        .map_err(bad)?;
+    let until_ms = nonempty(until)
+        .map(|s| parse_time("until", &s, now_ms))
+        .transpose()
+        .map_err(bad)?;
+    if let (Some(s), Some(u)) = (since_ms, until_ms) {
+        if s > u {
+            return Err(bad("since is after until: nothing can match"));
+        }
+    }
+    Ok((since_ms, until_ms))
+}
+
+/// `limit` of a log query: 1 to [`MAX_LIMIT`], default [`DEFAULT_LIMIT`].
+pub(crate) fn parse_limit(limit: Option<&str>) -> Result<i64, ApiErr> {
+    match limit.filter(|s| !s.is_empty()) {
+        None => Ok(DEFAULT_LIMIT),
+        Some(s) => match s.parse::<i64>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            _ => Err(bad(format!(
+                "invalid limit={s:?}: give a number from 1 to {MAX_LIMIT}"
+            ))),
+        },
+    }
+}
+
+/// `before_id` of a log query: the `next_before_id` of the previous page.
+pub(crate) fn parse_before_id(before_id: Option<&str>) -> Result<Option<i64>, ApiErr> {
+    match before_id.filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(s) => match s.parse::<i64>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => Err(bad(format!(
+                "invalid before_id={s:?}: give the next_before_id of the previous page"
+            ))),
+        },
+    }
+}
+
 impl FlowParams {
     pub(crate) fn filter(&self, now_ms: i64) -> Result<FlowFilter, ApiErr> {
         let nonempty = |o: &Option<String>| o.as_ref().filter(|s| !s.is_empty()).cloned();
-        let since_ms = nonempty(&self.since)
-            .map(|s| parse_time("since", &s, now_ms))
-            .transpose()
-            .map_err(bad)?;
-        let until_ms = nonempty(&self.until)
-            .map(|s| parse_time("until", &s, now_ms))
-            .transpose()
-            .map_err(bad)?;
-        if let (Some(s), Some(u)) = (since_ms, until_ms) {
-            if s > u {
-                return Err(bad("since is after until: nothing can match"));
-            }
-        }
+        let (since_ms, until_ms) = parse_window(&self.since, &self.until, now_ms)?;
         let node = nonempty(&self.node);
         if let Some(n) = &node {
             validate_name("node", n).map_err(|e| bad(format!("invalid node={n:?}: {e}")))?;
@@ -658,27 +695,11 @@ impl FlowParams {
     }
 
     fn limit(&self) -> Result<i64, ApiErr> {
-        match self.limit.as_deref().filter(|s| !s.is_empty()) {
-            None => Ok(DEFAULT_LIMIT),
-            Some(s) => match s.parse::<i64>() {
-                Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-                _ => Err(bad(format!(
-                    "invalid limit={s:?}: give a number from 1 to {MAX_LIMIT}"
-                ))),
-            },
-        }
+        parse_limit(self.limit.as_deref())
     }
 
     pub(crate) fn before_id(&self) -> Result<Option<i64>, ApiErr> {
-        match self.before_id.as_deref().filter(|s| !s.is_empty()) {
-            None => Ok(None),
-            Some(s) => match s.parse::<i64>() {
-                Ok(n) if n > 0 => Ok(Some(n)),
-                _ => Err(bad(format!(
-                    "invalid before_id={s:?}: give the next_before_id of the previous page"
-                ))),
-            },
-        }
+        parse_before_id(self.before_id.as_deref())
     }
 }
 
