@@ -12,7 +12,7 @@ use std::time::Duration;
 use dash_support::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use trellis_edge::gateway::{gateway_ip, hash_secret, RequestRecord};
+use trellis_edge::gateway::{gateway_ip, hash_secret};
 use trellis_policy::{Filter, FilterSpec, PROTO_TCP};
 use trellis_proto::{
     AuditEntry, BindingInfo, CreateBindingResponse, NetworkMap, NodeKey, Peer, RequestLogPage,
@@ -551,29 +551,6 @@ async fn the_gateway_snapshot_follows_bindings() {
     r.stop().await;
 }
 
-fn record(binding_id: Option<i64>, binding: &str, start_ms: i64, path: &str) -> RequestRecord {
-    RequestRecord {
-        account_id: DEFAULT_ACCOUNT,
-        binding_id,
-        binding: binding.into(),
-        start_ms,
-        duration_ms: 42,
-        form: "proxy".into(),
-        method: "GET".into(),
-        target: "db.default.mesh:8080".into(),
-        dst_ip: Some(Ipv4Addr::new(100, 64, 0, 3)),
-        dst_port: 8080,
-        node: Some("db".into()),
-        path: Some(path.into()),
-        status: 200,
-        bytes_up: 100,
-        bytes_down: 2048,
-        decision: "allow".into(),
-        rule: Some("ci-db".into()),
-        error: None,
-    }
-}
-
 #[tokio::test]
 async fn request_records_reach_the_log_and_count_as_usage() {
     let dir = tempfile::tempdir().unwrap();
@@ -591,9 +568,9 @@ async fn request_records_reach_the_log_and_count_as_usage() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    gw.record(record(Some(id), "ci", now_ms - 30_000, "/health"));
-    gw.record(record(Some(id), "ci", now_ms - 20_000, "/items"));
-    let mut denied = record(None, "b_unknown", now_ms - 1000, "/");
+    gw.record(request_record(Some(id), "ci", now_ms - 30_000, "/health"));
+    gw.record(request_record(Some(id), "ci", now_ms - 20_000, "/items"));
+    let mut denied = request_record(None, "b_unknown", now_ms - 1000, "/");
     denied.status = 407;
     denied.decision = "deny".into();
     denied.rule = None;

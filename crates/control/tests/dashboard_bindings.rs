@@ -4,12 +4,11 @@
 //! change nothing, the request log, and the wizard's optional step
 //! "Connect an agent or function".
 
-use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use trellis_edge::gateway::{hash_secret, RequestRecord};
+use trellis_edge::gateway::hash_secret;
 use trellis_proto::{AuditEntry, BindingInfo};
 
 mod dash_support;
@@ -417,29 +416,6 @@ async fn bad_input_is_shown_on_the_page_and_changes_nothing() {
     r.stop().await;
 }
 
-fn record(binding_id: Option<i64>, binding: &str, start_ms: i64, path: &str) -> RequestRecord {
-    RequestRecord {
-        account_id: DEFAULT_ACCOUNT,
-        binding_id,
-        binding: binding.into(),
-        start_ms,
-        duration_ms: 42,
-        form: "proxy".into(),
-        method: "GET".into(),
-        target: "db.default.mesh:8080".into(),
-        dst_ip: Some(Ipv4Addr::new(100, 64, 0, 3)),
-        dst_port: 8080,
-        node: Some("db".into()),
-        path: Some(path.into()),
-        status: 200,
-        bytes_up: 100,
-        bytes_down: 2048,
-        decision: "allow".into(),
-        rule: Some("ci-db".into()),
-        error: None,
-    }
-}
-
 #[tokio::test]
 async fn the_requests_page_lists_records_newest_first_and_filters() {
     let dir = tempfile::tempdir().unwrap();
@@ -467,8 +443,8 @@ async fn the_requests_page_lists_records_newest_first_and_filters() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    gw.record(record(Some(id), "ci", now_ms - 30_000, "/health"));
-    let mut denied = record(None, "b_unknown", now_ms - 1000, "/");
+    gw.record(request_record(Some(id), "ci", now_ms - 30_000, "/health"));
+    let mut denied = request_record(None, "b_unknown", now_ms - 1000, "/");
     denied.status = 407;
     denied.decision = "deny".into();
     denied.rule = None;

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use trellis_control::{Config, Server};
+use trellis_edge::gateway::RequestRecord;
 use trellis_proto::NodeKey;
 
 pub const EMAIL: &str = "alex@example.com";
@@ -296,4 +298,33 @@ pub fn location(resp: &Response) -> String {
         .get(LOCATION)
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default()
+}
+
+/// A request record of the default account, as the gateway would send it.
+pub fn request_record(
+    binding_id: Option<i64>,
+    binding: &str,
+    start_ms: i64,
+    path: &str,
+) -> RequestRecord {
+    RequestRecord {
+        account_id: 1,
+        binding_id,
+        binding: binding.into(),
+        start_ms,
+        duration_ms: 42,
+        form: "proxy".into(),
+        method: "GET".into(),
+        target: "db.default.mesh:8080".into(),
+        dst_ip: Some(Ipv4Addr::new(100, 64, 0, 3)),
+        dst_port: 8080,
+        node: Some("db".into()),
+        path: Some(path.into()),
+        status: 200,
+        bytes_up: 100,
+        bytes_down: 2048,
+        decision: "allow".into(),
+        rule: Some("ci-db".into()),
+        error: None,
+    }
 }
