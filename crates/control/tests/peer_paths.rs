@@ -1,123 +1,28 @@
 //! Paths to peers: a fake node on the control stream reports them, the API
 //! shows them while the node is connected, and forgets them when it leaves.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use trellis_control::{Config, Server};
-use trellis_proto::{CreateTokenResponse, EnrollResponse, NodeKey, NodeMessage, PeerPath};
+use trellis_proto::{NodeMessage, PeerPath};
 
-struct Running {
-    url: String,
-    admin: String,
-    http: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
-}
+mod dash_support;
+use dash_support::Running;
 
 impl Running {
-    async fn start(dir: &Path) -> Running {
-        let server = Server::start(Config {
-            data_dir: dir.to_path_buf(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            public_url: None,
-            edge_udp: None,
-            dns_suffix: "mesh".into(),
-            flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
-            gateway_listen: None,
-            gateway_tls: None,
-        })
-        .await
-        .unwrap();
-        let url = server.url();
-        let admin = std::fs::read_to_string(server.admin_key_path())
-            .unwrap()
-            .trim()
-            .to_string();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(async move {
-            let _ = rx.await;
-        }));
-        Running {
-            url,
-            admin,
-            http: reqwest::Client::new(),
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), task)
-                .await
-                .expect("server stops within 10 s")
-                .unwrap()
-                .unwrap();
-        }
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        let resp = self
-            .http
-            .post(format!("{}/api/v1{path}", self.url))
-            .bearer_auth(&self.admin)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status();
-        (status, resp.json().await.unwrap())
-    }
-
-    async fn enroll(&self, key: u8, name: &str) -> EnrollResponse {
-        let (status, v) = self.post("/tokens", json!({})).await;
-        assert_eq!(status, StatusCode::CREATED, "{v}");
-        let token: CreateTokenResponse = serde_json::from_value(v).unwrap();
-        let (status, v) = self
-            .post(
-                "/enroll",
-                json!({
-                    "token": token.token,
-                    "public_key": NodeKey([key; 32]).to_string(),
-                    "name": name,
-                    "os": "linux",
-                    "version": "test",
-                }),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{v}");
-        serde_json::from_value(v).unwrap()
-    }
-
     /// The node `name` as GET /api/v1/nodes shows it.
     async fn node(&self, name: &str) -> Value {
-        let v: Value = self
-            .http
-            .get(format!("{}/api/v1/nodes", self.url))
-            .bearer_auth(&self.admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v.as_array()
-            .unwrap()
+        let nodes = self.nodes().await;
+        nodes
             .iter()
             .find(|n| n["name"] == name)
             .cloned()
-            .unwrap_or_else(|| panic!("no node {name} in {v}"))
+            .unwrap_or_else(|| panic!("no node {name} in {nodes:?}"))
     }
 
     /// Waits until the node `name` satisfies `ok`; its last state otherwise.
@@ -200,9 +105,9 @@ fn path(name: &str, path: &str, hs: Option<u64>) -> PeerPath {
 async fn peer_paths_show_while_connected_and_bad_reports_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let server = Running::start(dir.path()).await;
-    let laptop = server.enroll(1, "laptop").await;
-    server.enroll(2, "db-server").await;
-    server.enroll(3, "printer").await;
+    let laptop = server.enroll_fresh(1, "laptop").await;
+    server.enroll_fresh(2, "db-server").await;
+    server.enroll_fresh(3, "printer").await;
 
     // Offline, nothing reported: an empty list.
     let n = server.node("laptop").await;

@@ -3,124 +3,30 @@
 //! server's probes.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use trellis_control::probe::ProbeOutcome;
-use trellis_control::{Config, Server};
-use trellis_proto::{CreateTokenResponse, EnrollResponse, NodeKey, NodeMessage, ServerMessage};
+use trellis_proto::{NodeMessage, ServerMessage};
 
-struct Running {
-    url: String,
-    admin: String,
-    http: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
-}
+mod dash_support;
+use dash_support::Running;
 
 impl Running {
-    async fn start(dir: &Path) -> Running {
-        let server = Server::start(Config {
-            data_dir: dir.to_path_buf(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            public_url: None,
-            edge_udp: None,
-            dns_suffix: "mesh".into(),
-            flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
-            gateway_listen: None,
-            gateway_tls: None,
-        })
-        .await
-        .unwrap();
-        let url = server.url();
-        let admin = std::fs::read_to_string(server.admin_key_path())
-            .unwrap()
-            .trim()
-            .to_string();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(async move {
-            let _ = rx.await;
-        }));
-        Running {
-            url,
-            admin,
-            http: reqwest::Client::new(),
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), task)
-                .await
-                .expect("server stops within 10 s")
-                .unwrap()
-                .unwrap();
-        }
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        let resp = self
-            .http
-            .post(format!("{}/api/v1{path}", self.url))
-            .bearer_auth(&self.admin)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status();
-        (status, resp.json().await.unwrap())
-    }
-
-    async fn enroll(&self, key: u8, name: &str) -> EnrollResponse {
-        let (status, v) = self.post("/tokens", json!({})).await;
-        assert_eq!(status, StatusCode::CREATED, "{v}");
-        let token: CreateTokenResponse = serde_json::from_value(v).unwrap();
-        let (status, v) = self
-            .post(
-                "/enroll",
-                json!({
-                    "token": token.token,
-                    "public_key": NodeKey([key; 32]).to_string(),
-                    "name": name,
-                    "os": "linux",
-                    "version": "test",
-                }),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{v}");
-        serde_json::from_value(v).unwrap()
-    }
-
     async fn probe(&self, from: &str, to: &str) -> (StatusCode, Value) {
-        self.post(&format!("/nodes/{from}/probe"), json!({ "to": to }))
+        self.post_api(&format!("/nodes/{from}/probe"), json!({ "to": to }))
             .await
     }
 
     async fn node_online(&self, name: &str) -> bool {
-        let v: Value = self
-            .http
-            .get(format!("{}/api/v1/nodes", self.url))
-            .bearer_auth(&self.admin)
-            .send()
+        self.nodes()
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v.as_array()
-            .unwrap()
             .iter()
             .any(|n| n["name"] == name && n["online"] == true)
     }
@@ -192,8 +98,8 @@ fn outcome(status: StatusCode, v: Value) -> ProbeOutcome {
 async fn probe_reports_rtt_and_path_in_plain_words() {
     let dir = tempfile::tempdir().unwrap();
     let server = Running::start(dir.path()).await;
-    let laptop = server.enroll(1, "laptop").await;
-    let db = server.enroll(2, "db-server").await;
+    let laptop = server.enroll_fresh(1, "laptop").await;
+    let db = server.enroll_fresh(2, "db-server").await;
 
     // Nobody connected yet: the asking node is offline.
     let (status, v) = server.probe("laptop", "db-server").await;
@@ -231,20 +137,14 @@ async fn probe_reports_rtt_and_path_in_plain_words() {
 
     // A policy that stops ping: the path still works, and the answer says
     // the policy would stop a real ping.
-    let resp = server
-        .http
-        .put(format!("{}/api/v1/policy", server.url))
-        .bearer_auth(&server.admin)
-        .json(&json!({ "text": "default = \"deny\"\n[[rules]]\nname = \"db\"\naction = \"allow\"\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"tcp:5432\"]\n" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        resp.status(),
-        StatusCode::OK,
-        "{}",
-        resp.text().await.unwrap()
-    );
+    let (status, v) = server
+        .api(
+            reqwest::Method::PUT,
+            "/policy",
+            json!({ "text": "default = \"deny\"\n[[rules]]\nname = \"db\"\naction = \"allow\"\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"tcp:5432\"]\n" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
     let (s, v) = server.probe("laptop", "db-server").await;
     let out = outcome(s, v);
     assert!(out.ok);
@@ -266,12 +166,11 @@ async fn probe_reports_rtt_and_path_in_plain_words() {
     assert!(v["error"].as_str().unwrap().contains("\"nope\""), "{v}");
     let (status, v) = server.probe("ghost", "laptop").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
-    let (status, v) = server.post("/nodes/laptop/probe", json!({})).await;
+    let (status, v) = server.post_api("/nodes/laptop/probe", json!({})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
 
     // The operation is in the OpenAPI document.
-    let doc: Value = server
-        .http
+    let doc: Value = reqwest::Client::new()
         .get(format!("{}/api/v1/openapi.json", server.url))
         .send()
         .await
@@ -293,9 +192,9 @@ async fn probe_reports_rtt_and_path_in_plain_words() {
 async fn probe_failures_are_sentences_and_foreign_answers_are_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let server = Running::start(dir.path()).await;
-    let a = server.enroll(1, "a").await;
-    let b = server.enroll(2, "b").await;
-    server.enroll(3, "c").await;
+    let a = server.enroll_fresh(1, "a").await;
+    let b = server.enroll_fresh(2, "b").await;
+    server.enroll_fresh(3, "c").await;
 
     // a relays; b answers every probe with a failure.
     let (ta, _sa) = fake_node(
@@ -355,7 +254,7 @@ async fn probe_failures_are_sentences_and_foreign_answers_are_ignored() {
 
     // d answers with a made-up id (and so never answers the real one): it
     // cannot complete anyone else's probe. The server gives up after 5 s.
-    let d = server.enroll(4, "d").await;
+    let d = server.enroll_fresh(4, "d").await;
     let (td, mut sd) = fake_node(
         &server,
         &d.node_secret,
@@ -389,7 +288,7 @@ async fn probe_failures_are_sentences_and_foreign_answers_are_ignored() {
     assert!(sd.recv().await.is_some(), "d was never asked");
 
     // A node that goes away while asked: the call ends at once, not after 5 s.
-    let e = server.enroll(5, "e").await;
+    let e = server.enroll_fresh(5, "e").await;
     let (te, _se) = fake_node(&server, &e.node_secret, Box::new(|_, _| None)).await;
     wait_online(&server, "e").await;
     let probe = server.probe("e", "d");

@@ -117,6 +117,39 @@ impl Running {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// POSTs `body` to the REST API with the operator key.
+    pub async fn post_api(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.api(reqwest::Method::POST, path, body).await
+    }
+
+    /// Enrolls a fake node `name` with key `[key; 32]` using a fresh token.
+    pub async fn enroll_fresh(&self, key: u8, name: &str) -> trellis_proto::EnrollResponse {
+        let (status, v) = self.post_api("/tokens", json!({})).await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        let token = v["token"].as_str().expect("a token").to_string();
+        let (status, v) = self
+            .post_api(
+                "/enroll",
+                json!({
+                    "token": token,
+                    "public_key": NodeKey([key; 32]).to_string(),
+                    "name": name,
+                    "os": "linux",
+                    "version": "test",
+                }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// GET /api/v1/nodes: the account's nodes.
+    pub async fn nodes(&self) -> Vec<Value> {
+        let (status, v) = self.api(reqwest::Method::GET, "/nodes", Value::Null).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        v.as_array().cloned().unwrap_or_default()
+    }
+
     /// Enrolls a fake node with `token` (no control stream: it stays offline).
     pub async fn enroll(&self, token: &str, key: u8, name: &str) -> Value {
         let resp = Client::new()
