@@ -377,13 +377,13 @@ async fn advertised_routes_are_listed_and_approved() {
     let r = Running::start(dir.path()).await;
     let a = r.setup_admin().await;
     let tok = r.token(None).await;
-    r.enroll_routes(&tok, 3, "gateway", &["192.168.7.0/24"])
+    r.enroll_routes(&tok, 3, "gateway", &["198.19.7.0/24"])
         .await;
     let csrf = a.token_of(&r).await;
     let (_, page) = a.get(&r.at("/routes")).await;
     assert!(
         page.contains(
-            r#"<tr data-node="gateway" data-cidr="192.168.7.0/24" data-approved="false">"#
+            r#"<tr data-node="gateway" data-cidr="198.19.7.0/24" data-approved="false">"#
         ),
         "{page}"
     );
@@ -391,7 +391,7 @@ async fn advertised_routes_are_listed_and_approved() {
 
     let url = r.at("/routes/approve");
     let (status, _) = a
-        .post_text(&url, &[("node", "gateway"), ("cidr", "192.168.7.0/24")])
+        .post_text(&url, &[("node", "gateway"), ("cidr", "198.19.7.0/24")])
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, page) = a
@@ -408,7 +408,7 @@ async fn advertised_routes_are_listed_and_approved() {
             &[
                 ("csrf", &csrf),
                 ("node", "gateway"),
-                ("cidr", "192.168.7.1/24"),
+                ("cidr", "198.19.7.1/24"),
             ],
         )
         .await;
@@ -420,7 +420,7 @@ async fn advertised_routes_are_listed_and_approved() {
             &[
                 ("csrf", &csrf),
                 ("node", "nobody"),
-                ("cidr", "192.168.7.0/24"),
+                ("cidr", "198.19.7.0/24"),
             ],
         )
         .await;
@@ -434,7 +434,7 @@ async fn advertised_routes_are_listed_and_approved() {
             &[
                 ("csrf", &csrf),
                 ("node", "gateway"),
-                ("cidr", "192.168.7.0/24"),
+                ("cidr", "198.19.7.0/24"),
             ],
         )
         .await;
@@ -642,7 +642,7 @@ async fn another_accounts_admin_can_neither_see_nor_change() {
     let r = Running::start(dir.path()).await;
     let a = r.setup_admin().await;
     let tok = r.token(None).await;
-    r.enroll_routes(&tok, 7, "secret-db", &["10.9.0.0/16"])
+    r.enroll_routes(&tok, 7, "secret-db", &["198.19.0.0/16"])
         .await;
     let a_csrf = a.token_of(&r).await;
     let (_, page) = a
@@ -663,7 +663,7 @@ async fn another_accounts_admin_can_neither_see_nor_change() {
     for path in PAGES {
         let (status, page) = b.get(&r.at(path)).await;
         assert_eq!(status, StatusCode::OK);
-        for secret in ["secret-db", "10.9.0.0/16", "a-script", EMAIL] {
+        for secret in ["secret-db", "198.19.0.0/16", "a-script", EMAIL] {
             assert!(!page.contains(secret), "{path} shows {secret}");
         }
     }
@@ -701,7 +701,7 @@ async fn another_accounts_admin_can_neither_see_nor_change() {
             &[
                 ("csrf", &csrf),
                 ("node", "secret-db"),
-                ("cidr", "10.9.0.0/16"),
+                ("cidr", "198.19.0.0/16"),
             ],
         )
         .await;

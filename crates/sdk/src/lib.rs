@@ -129,7 +129,7 @@ pub struct Services {
 /// One node, DNS record or routed subnet a binding may reach.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
-    /// e.g. `db.prod.mesh`, or a subnet like `10.1.0.0/24`.
+    /// e.g. `db.prod.mesh`, or a subnet like `198.19.10.0/24`.
     pub name: String,
     /// Overlay address, or the subnet.
     #[serde(default)]

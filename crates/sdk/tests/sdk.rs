@@ -549,7 +549,7 @@ async fn mcp_server_initializes_lists_and_fetches_through_the_gateway() {
         "{text}"
     );
     assert!(
-        text.contains("- 10.1.0.0/24 (node office-router, offline): *"),
+        text.contains("- 198.19.10.0/24 (node office-router, offline): *"),
         "{text}"
     );
 

@@ -399,7 +399,7 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
                 "binding": "ci-runner", "account": "prod", "address": "100.64.0.9",
                 "services": [
                     {"name": "db.prod.mesh", "address": "100.64.0.3", "node": "db", "online": true, "ports": ["tcp:5432"]},
-                    {"name": "10.1.0.0/24", "address": "10.1.0.0/24", "node": "office-router", "online": false, "ports": ["*"]}
+                    {"name": "198.19.10.0/24", "address": "198.19.10.0/24", "node": "office-router", "online": false, "ports": ["*"]}
                 ]
             });
             respond(
