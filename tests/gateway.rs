@@ -411,47 +411,47 @@ fn agents_reach_a_web_page_and_postgres_through_one_binding_line() {
     assert_eq!(got, (200, "auth=Bearer app-token body=hello".to_string()));
 
     let root = repo_root();
-    // Python, configured by MESH alone.
-    let py = sl.lab.path("agent.py");
-    std::fs::write(&py, PY_AGENT).expect("write agent.py");
-    let sdk_py = root.join("sdk/python/src");
-    let out = sl.lab.run(
-        &agent.ns,
-        "env",
-        &[
-            &format!("MESH={mesh}"),
-            &format!("SDK_PY={}", sdk_py.display()),
+    // Python and Node scripts, each configured by MESH alone (plus where the
+    // SDK is), each printing {"page": ..., "answer": ...}.
+    let scripts = [
+        (
+            "agent.py",
+            PY_AGENT,
             "python3",
-            &py.to_string_lossy(),
-        ],
-        Duration::from_secs(60),
-    );
-    sl.lab
-        .ensure(out.success(), format!("python agent:\n{}", out.describe()));
-    let v: Value = serde_json::from_str(out.stdout.trim()).expect("python agent prints JSON");
-    assert_eq!(v["page"], "ok from web\n");
-    assert_eq!(v["answer"], "42", "SQL through CONNECT from Python");
-
-    // Node, configured by MESH alone.
-    let js = sl.lab.path("agent.mjs");
-    std::fs::write(&js, JS_AGENT).expect("write agent.mjs");
-    let sdk_js = root.join("sdk/js/src/index.js");
-    let out = sl.lab.run(
-        &agent.ns,
-        "env",
-        &[
-            &format!("MESH={mesh}"),
-            &format!("SDK_JS={}", sdk_js.display()),
+            "SDK_PY",
+            root.join("sdk/python/src"),
+        ),
+        (
+            "agent.mjs",
+            JS_AGENT,
             "node",
-            &js.to_string_lossy(),
-        ],
-        Duration::from_secs(60),
-    );
-    sl.lab
-        .ensure(out.success(), format!("node agent:\n{}", out.describe()));
-    let v: Value = serde_json::from_str(out.stdout.trim()).expect("node agent prints JSON");
-    assert_eq!(v["page"], "ok from web\n");
-    assert_eq!(v["answer"], "42", "SQL through CONNECT from Node");
+            "SDK_JS",
+            root.join("sdk/js/src/index.js"),
+        ),
+    ];
+    for (file, text, program, sdk_var, sdk) in scripts {
+        let script = sl.lab.path(file);
+        std::fs::write(&script, text).expect("write the agent script");
+        let out = sl.lab.run(
+            &agent.ns,
+            "env",
+            &[
+                &format!("MESH={mesh}"),
+                &format!("{sdk_var}={}", sdk.display()),
+                program,
+                &script.to_string_lossy(),
+            ],
+            Duration::from_secs(60),
+        );
+        sl.lab.ensure(
+            out.success(),
+            format!("{program} agent:\n{}", out.describe()),
+        );
+        let v: Value = serde_json::from_str(out.stdout.trim())
+            .unwrap_or_else(|e| panic!("{program} agent prints JSON ({e}): {}", out.stdout));
+        assert_eq!(v["page"], "ok from web\n", "{program}");
+        assert_eq!(v["answer"], "42", "SQL through CONNECT from {program}");
+    }
 
     // Rust: the SDK's fetch, and tokio-postgres over the SDK's connect().
     let m = mesh.clone();
