@@ -494,7 +494,8 @@ impl TunWriter {
             .send_multiple(&mut self.gro, &mut self.bufs[..n], VIRTIO_NET_HDR_LEN)
         {
             tracing::debug!(error = %e, "writing to the TUN device failed");
-            s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            // The whole batch is lost, not one packet.
+            s.counters.dropped.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 }
