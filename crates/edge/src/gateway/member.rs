@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
+use trellis_policy::Filter;
 use trellis_tunnel::{Action, FlowEnd, PeerConfig, Tunnel, Via};
 
 use super::netstack::{NetStack, TcpStream};
@@ -28,10 +29,13 @@ const TICK: Duration = Duration::from_millis(100);
 /// Room for one encrypted frame (relay header + WireGuard overhead + packet).
 const OUT_BUF: usize = 65_536;
 
+/// What the member applies: the account's snapshot and its compiled policy.
+type Config = (Arc<AccountSnapshot>, Arc<Filter>);
+
 /// A running member; dropping it stops its task and detaches it from the hub.
 pub struct Member {
     stack: NetStack,
-    config: watch::Sender<Arc<AccountSnapshot>>,
+    config: watch::Sender<Config>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -42,11 +46,13 @@ impl Drop for Member {
 }
 
 impl Member {
-    /// Joins the account's network as `secret` on `hub`.
+    /// Joins the account's network as `secret` on `hub`; `filter` is the
+    /// snapshot's policy, compiled.
     pub fn start(
         hub: Arc<RelayHub>,
         secret: trellis_tunnel::StaticSecret,
         snapshot: Arc<AccountSnapshot>,
+        filter: Arc<Filter>,
     ) -> anyhow::Result<Member> {
         let account_id = snapshot.account_id;
         let mut tunnel = Tunnel::new(secret, rand_seed(account_id));
@@ -59,7 +65,7 @@ impl Member {
         let stack = NetStack::spawn(MEMBER_MTU, out_tx);
         let addrs: Vec<Ipv4Addr> = snapshot.bindings.iter().map(|b| b.ip).collect();
         stack.set_addresses(&addrs);
-        let (config, config_rx) = watch::channel(snapshot);
+        let (config, config_rx) = watch::channel((snapshot, filter));
         let run = Run {
             hub,
             key,
@@ -77,9 +83,10 @@ impl Member {
         })
     }
 
-    /// Applies a new snapshot of the account (peers, filter, bindings).
-    pub fn update(&self, snapshot: Arc<AccountSnapshot>) {
-        self.config.send_replace(snapshot);
+    /// Applies a new snapshot of the account (peers, bindings) and its
+    /// compiled policy.
+    pub fn update(&self, snapshot: Arc<AccountSnapshot>, filter: Arc<Filter>) {
+        self.config.send_replace((snapshot, filter));
     }
 
     /// The member's userspace stack.
@@ -124,10 +131,10 @@ impl Run {
         mut self,
         mut frames: mpsc::Receiver<Vec<u8>>,
         mut packets: mpsc::Receiver<Vec<u8>>,
-        mut config: watch::Receiver<Arc<AccountSnapshot>>,
+        mut config: watch::Receiver<Config>,
     ) {
-        let snapshot = config.borrow_and_update().clone();
-        self.apply(&snapshot);
+        let (snapshot, filter) = config.borrow_and_update().clone();
+        self.apply(&snapshot, filter);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -158,15 +165,15 @@ impl Run {
                     if changed.is_err() {
                         return;
                     }
-                    let snapshot = config.borrow_and_update().clone();
-                    self.apply(&snapshot);
+                    let (snapshot, filter) = config.borrow_and_update().clone();
+                    self.apply(&snapshot, filter);
                 }
                 _ = tick.tick() => self.timers(),
             }
         }
     }
 
-    fn apply(&mut self, snap: &AccountSnapshot) {
+    fn apply(&mut self, snap: &AccountSnapshot, filter: Arc<Filter>) {
         let now = Instant::now();
         let peers = snap
             .peers
@@ -179,11 +186,7 @@ impl Run {
             })
             .collect();
         self.tunnel.set_peers(now, peers);
-        let filter = match &snap.filter {
-            Some(spec) => trellis_policy::Filter::compile(spec),
-            None => trellis_policy::Filter::allow_all(),
-        };
-        self.tunnel.set_filter(now, Arc::new(filter));
+        self.tunnel.set_filter(now, filter);
         let addrs: Vec<Ipv4Addr> = snap.bindings.iter().map(|b| b.ip).collect();
         self.stack.set_addresses(&addrs);
     }

@@ -309,12 +309,13 @@ impl Gateway {
             inner.gone.remove(&b.public_id);
         }
         match &member {
-            Some(m) => m.update(snap.clone()),
+            Some(m) => m.update(snap.clone(), filter.clone()),
             None if !snap.bindings.is_empty() => {
                 match member::Member::start(
                     self.hub.clone(),
                     member_secret(&self.server_secret, id),
                     snap.clone(),
+                    filter.clone(),
                 ) {
                     Ok(m) => member = Some(Arc::new(m)),
                     Err(e) => {

@@ -79,7 +79,13 @@ async fn start_node(hub: &Arc<RelayHub>, gw: &Gateway) -> Member {
             ..binding()
         }],
     };
-    let node = Member::start(hub.clone(), node_secret(), Arc::new(snap)).unwrap();
+    let node = Member::start(
+        hub.clone(),
+        node_secret(),
+        Arc::new(snap),
+        Arc::new(trellis_policy::Filter::allow_all()),
+    )
+    .unwrap();
     let listener = node
         .stack()
         .listen(SocketAddrV4::new(NODE_IP, 80))
