@@ -968,3 +968,119 @@ fn nodes_probe_reports_direct_path_and_clear_errors() {
         format!("refusing took {:?}", started.elapsed()),
     );
 }
+
+// ---------------------------------------------------------------------------
+// Packets of a flow arrive in the order they were sent, also while both of a
+// node's packet threads read its TUN device (the receive side sends the
+// kernel's answers itself) and the kernel answers a flood of pings.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn packets_keep_their_order_while_the_kernel_answers() {
+    let Some(mut net) = Net::new() else { return };
+    let tok = net.token(true);
+    let a = net.node("oa", &tok);
+    let b = net.node("ob", &tok);
+    net.must_reach(&pairs(&[&a, &b]), Duration::from_secs(20), "a and b");
+    let lab = &net.lab;
+    const COUNT: u32 = 4000;
+    const PORT: u16 = 7007;
+
+    // b echoes every datagram back and notes the order they came in.
+    let b_ns = b.node.host.ns.clone();
+    let echo = thread::spawn(move || -> Result<Vec<u32>, String> {
+        enter_netns(&b_ns)?;
+        let sock = std::net::UdpSocket::bind(("0.0.0.0", PORT)).map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            seen.push(u32::from_be_bytes(buf[..4].try_into().unwrap()));
+            let _ = sock.send_to(&buf[..n], from);
+        }
+        Ok(seen)
+    });
+    thread::sleep(Duration::from_millis(300));
+
+    // Meanwhile a floods b with pings: b's kernel answers each one while it
+    // is being written, and b's receive thread sends the answers.
+    let a_ns = a.node.host.ns.clone();
+    let b_ip = b.ip.to_string();
+    let flood = {
+        let (ns, ip) = (a_ns.clone(), b_ip.clone());
+        thread::spawn(move || {
+            std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", &ns, "ping", "-n", "-q", "-f", "-c", "3000", &ip,
+                ])
+                .output()
+        })
+    };
+
+    // a sends numbered datagrams in bursts and collects the echoes.
+    let b_addr = SocketAddr::from((b.ip, PORT));
+    let echoed = in_netns(&a_ns, move || -> Result<Vec<u32>, String> {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(Duration::from_millis(1)))
+            .map_err(|e| e.to_string())?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        let mut payload = vec![0x5au8; 1000];
+        for seq in 0..COUNT {
+            payload[..4].copy_from_slice(&seq.to_be_bytes());
+            sock.send_to(&payload, b_addr).map_err(|e| e.to_string())?;
+            if seq % 50 == 49 {
+                while let Ok((_, _)) = sock.recv_from(&mut buf) {
+                    got.push(u32::from_be_bytes(buf[..4].try_into().unwrap()));
+                }
+            }
+        }
+        sock.set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        while let Ok((_, _)) = sock.recv_from(&mut buf) {
+            got.push(u32::from_be_bytes(buf[..4].try_into().unwrap()));
+        }
+        Ok(got)
+    });
+    let echoed = lab.check(echoed, "sending from a");
+    let seen = lab.check(
+        echo.join()
+            .map_err(|_| "echo thread panicked".to_string())
+            .and_then(|r| r),
+        "echo on b",
+    );
+    let flood = flood.join().expect("flood thread");
+    let flood = lab.check(flood.map_err(|e| e.to_string()), "ping -f");
+    let summary = String::from_utf8_lossy(&flood.stdout).to_string();
+
+    for (what, seqs) in [("arriving at b", &seen), ("echoed back to a", &echoed)] {
+        let out_of_order = seqs.windows(2).filter(|w| w[1] <= w[0]).count();
+        lab.ensure(
+            out_of_order == 0,
+            format!(
+                "{out_of_order} of {} datagrams {what} out of order",
+                seqs.len()
+            ),
+        );
+        // Order of nothing proves nothing: most of the stream must be there.
+        lab.ensure(
+            seqs.len() as u32 >= COUNT * 9 / 10,
+            format!("only {} of {COUNT} datagrams {what}", seqs.len()),
+        );
+    }
+    // "3000 packets transmitted, 2999 received, ..."
+    let received = summary
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .and_then(|l| {
+            l.split(|c: char| !c.is_ascii_digit())
+                .filter_map(|w| w.parse::<u32>().ok())
+                .nth(1)
+        })
+        .unwrap_or(0);
+    lab.ensure(
+        received >= 2970,
+        format!("flood ping through the tunnel lost replies:\n{summary}"),
+    );
+}

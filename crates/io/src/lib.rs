@@ -7,6 +7,14 @@
 //! once at start; the UDP side uses `quinn-udp` for recvmmsg/GRO and GSO so
 //! that a batch costs few syscalls.
 //!
+//! Latency: the kernel often answers a packet while it is being written to
+//! the TUN device (an echo reply, a TCP ACK, a local service's response), so
+//! after a small receive batch the UDP thread reads the TUN device once
+//! itself and sends what it finds, instead of waking the TUN thread for it.
+//! The right to read the device (with its buffers) is a lock held from read
+//! to send, so packets of a flow still leave in order. At a low rate the TUN
+//! side sends each read at once and looks for more afterwards.
+//!
 //! On Linux the TUN device is opened with offloads when the kernel allows it
 //! (`IFF_VNET_HDR` with TSO4/TSO6, and USO where supported): one read brings
 //! a TCP or UDP "super-packet" of up to 64 KiB that is split here into
@@ -36,6 +44,9 @@ const TUN_BATCH: usize = 64;
 const TUN_OFFLOAD_SLOTS: usize = 2 * IDEAL_BATCH_SIZE;
 /// Packets coalesced per TUN write batch (GRO) with offloads.
 const GRO_BATCH: usize = IDEAL_BATCH_SIZE;
+/// Largest receive batch after which the UDP thread looks for the kernel's
+/// answers in the TUN device itself.
+const ANSWER_BATCH: usize = 4;
 /// Largest IP packet, and so the largest coalesced write.
 const MAX_IP_PACKET: usize = 65_535;
 /// Environment variable that turns TUN offloads off (`0`, `false`, `off`, `no`).
@@ -70,12 +81,13 @@ pub type RelayTcpSink = Box<dyn Fn(&[u8]) + Send + Sync>;
 
 struct Shared {
     tunnel: Mutex<Tunnel>,
+    /// The right to read the TUN device, with the buffers for it.
+    tun_rx: Mutex<TunRx>,
     relay_tcp: Mutex<Option<RelayTcpSink>>,
     tun: SyncDevice,
     udp: BatchSocket,
     stop: AtomicBool,
     counters: Counters,
-    mtu: usize,
     /// The TUN device carries a virtio-net header on every read and write.
     offload: bool,
 }
@@ -136,12 +148,12 @@ impl DataPlane {
 
         let shared = Arc::new(Shared {
             tunnel: Mutex::new(tunnel),
+            tun_rx: Mutex::new(TunRx::new(config.mtu as usize, offload)),
             relay_tcp: Mutex::new(None),
             tun,
             udp,
             stop: AtomicBool::new(false),
             counters: Counters::default(),
-            mtu: config.mtu as usize,
             offload,
         });
         let mut threads = Vec::new();
@@ -349,40 +361,95 @@ fn send_all(s: &Shared, buf: &[u8], outs: &[Out]) {
     }
 }
 
-/// TUN → encrypt → UDP.
-fn tun_loop(s: &Shared) {
-    let slot = s.mtu + 64;
-    let (slots, room) = if s.offload {
-        // A read may split into many packets: read again only while a
-        // whole super-packet's worth of slots is free.
-        (TUN_OFFLOAD_SLOTS, IDEAL_BATCH_SIZE)
-    } else {
-        (TUN_BATCH, 1)
-    };
-    let mut packets: Vec<Vec<u8>> = (0..slots).map(|_| vec![0u8; slot]).collect();
-    let mut lens = vec![0usize; slots];
-    // Where a read with offloads lands before it is split.
-    let raw_len = if s.offload {
-        VIRTIO_NET_HDR_LEN + MAX_IP_PACKET
-    } else {
-        0
-    };
-    let mut raw = vec![0u8; raw_len];
-    let out_slot = slot + trellis_tunnel::DATA_OVERHEAD + MIN_BUFFER;
-    let mut out = vec![0u8; slots * out_slot];
-    let mut outs: Vec<Out> = Vec::with_capacity(slots);
-    let fd = s.tun.as_raw_fd();
-    while !s.stop.load(Ordering::Relaxed) {
-        if !wait_fd(fd, libc::POLLIN, IDLE_POLL_MS) {
-            continue;
+/// What reads the TUN device: its buffers, and the right to read. Whoever
+/// holds it reads a batch, encrypts it and sends it before letting go, so
+/// packets of a flow leave in the order they were read even though two
+/// threads may read (see [`udp_loop`]).
+struct TunRx {
+    packets: Vec<Vec<u8>>,
+    lens: Vec<usize>,
+    /// Where a read with offloads lands before it is split.
+    raw: Vec<u8>,
+    out: Vec<u8>,
+    outs: Vec<Out>,
+    /// Another read is made only while this many packet slots are free.
+    room: usize,
+    /// Low rate: send the first read at once (see [`TunRx::drain`]).
+    eager: bool,
+}
+
+impl TunRx {
+    fn new(mtu: usize, offload: bool) -> TunRx {
+        let slot = mtu + 64;
+        let (slots, room) = if offload {
+            // A read may split into many packets: read again only while a
+            // whole super-packet's worth of slots is free.
+            (TUN_OFFLOAD_SLOTS, IDEAL_BATCH_SIZE)
+        } else {
+            (TUN_BATCH, 1)
+        };
+        let raw_len = if offload {
+            VIRTIO_NET_HDR_LEN + MAX_IP_PACKET
+        } else {
+            0
+        };
+        let out_slot = slot + trellis_tunnel::DATA_OVERHEAD + MIN_BUFFER;
+        TunRx {
+            packets: (0..slots).map(|_| vec![0u8; slot]).collect(),
+            lens: vec![0usize; slots],
+            raw: vec![0u8; raw_len],
+            out: vec![0u8; slots * out_slot],
+            outs: Vec::with_capacity(slots),
+            room,
+            eager: true,
         }
+    }
+
+    /// Reads what the TUN device holds without waiting, encrypts it and
+    /// sends it. Returns how many packets were read.
+    ///
+    /// At a low rate (the last batch had at most one packet) the first read
+    /// is sent at once, before looking for more: the read that would find
+    /// the device empty then comes after the packet left, not before. Under
+    /// load, reads are gathered into a batch as long as there is room.
+    fn drain(&mut self, s: &Shared) -> usize {
+        let mut total = 0;
+        loop {
+            let eager = self.eager;
+            let n = self.read(s, eager);
+            if n == 0 {
+                self.eager = true;
+                return total;
+            }
+            self.seal_and_send(s, n);
+            total += n;
+            if !eager {
+                self.eager = n <= 1;
+                return total;
+            }
+            // Whatever came in meanwhile is read as a batch.
+            self.eager = false;
+        }
+    }
+
+    /// Reads into the packet slots: once if `once`, else until the device
+    /// is empty or the slots are full. Returns the number of packets.
+    fn read(&mut self, s: &Shared, once: bool) -> usize {
+        let slots = self.packets.len();
         let mut n = 0;
-        while n + room <= slots {
-            match s
-                .tun
-                .recv_multiple(&mut raw, &mut packets[n..], &mut lens[n..], 0)
-            {
-                Ok(k) => n += k,
+        while n + self.room <= slots {
+            match s.tun.recv_multiple(
+                &mut self.raw,
+                &mut self.packets[n..],
+                &mut self.lens[n..],
+                0,
+            ) {
+                Ok(k) => {
+                    n += k;
+                    if once && n > 0 {
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if s.offload && e.raw_os_error().is_none() => {
@@ -398,22 +465,24 @@ fn tun_loop(s: &Shared) {
                 }
             }
         }
-        if n == 0 {
-            continue;
-        }
+        n
+    }
+
+    /// Encrypts the first `n` packet slots and sends them.
+    fn seal_and_send(&mut self, s: &Shared, n: usize) {
         s.counters
             .tun_rx_packets
             .fetch_add(n as u64, Ordering::Relaxed);
-        outs.clear();
+        self.outs.clear();
         let mut cursor = 0;
         {
             let now = Instant::now();
             let mut tunnel = lock(&s.tunnel);
-            for (buf, &len) in packets.iter().zip(&lens).take(n) {
+            for (buf, &len) in self.packets.iter().zip(&self.lens).take(n) {
                 let packet = &buf[..len];
-                match tunnel.handle_tun_packet(now, packet, &mut out[cursor..]) {
+                match tunnel.handle_tun_packet(now, packet, &mut self.out[cursor..]) {
                     Action::Send { to, offset, len } => {
-                        outs.push(Out {
+                        self.outs.push(Out {
                             to: Some(to),
                             offset: cursor + offset,
                             len,
@@ -421,7 +490,7 @@ fn tun_loop(s: &Shared) {
                         cursor += offset + len;
                     }
                     Action::SendRelayTcp { offset, len } => {
-                        outs.push(Out {
+                        self.outs.push(Out {
                             to: None,
                             offset: cursor + offset,
                             len,
@@ -436,7 +505,21 @@ fn tun_loop(s: &Shared) {
                 }
             }
         }
-        send_all(s, &out, &outs);
+        send_all(s, &self.out, &self.outs);
+    }
+}
+
+/// TUN → encrypt → UDP.
+fn tun_loop(s: &Shared) {
+    let fd = s.tun.as_raw_fd();
+    while !s.stop.load(Ordering::Relaxed) {
+        if !wait_fd(fd, libc::POLLIN, IDLE_POLL_MS) {
+            continue;
+        }
+        // The UDP thread may hold it for a moment (and may have read what
+        // woke this thread already: the read then finds nothing).
+        let mut rx = s.tun_rx.lock().unwrap_or_else(|e| e.into_inner());
+        rx.drain(s);
     }
 }
 
@@ -557,11 +640,28 @@ fn udp_loop(s: &Shared) {
                     }
                 }
             }
-            for &(off, len) in &delivered {
-                writer.push(s, &plain[off..off + len]);
+            if let [(off, len)] = delivered[..] {
+                // A lone packet goes straight to the device: nothing to
+                // coalesce, and no copy into the coalescing buffers.
+                write_tun(s, &plain[off..off + len]);
+            } else {
+                for &(off, len) in &delivered {
+                    writer.push(s, &plain[off..off + len]);
+                }
+                writer.flush(s);
             }
-            writer.flush(s);
             send_all(s, &ctrl, &ctrl_outs);
+            if !delivered.is_empty() && delivered.len() <= ANSWER_BATCH {
+                // The kernel often answers a packet while it is being
+                // written (an echo reply, a TCP ACK, a local service's
+                // reply): it already waits in the TUN device. Sending it
+                // from here saves a thread wake-up on the round trip. Only
+                // when nobody else is reading the device, and only for small
+                // batches: under load the TUN thread is awake anyway.
+                if let Ok(mut rx) = s.tun_rx.try_lock() {
+                    rx.drain(s);
+                }
+            }
         }
     }
 }
