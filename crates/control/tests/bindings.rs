@@ -466,20 +466,6 @@ async fn policies_name_bindings_and_their_tags() {
     r.stop().await;
 }
 
-/// Polls `check` every 50 ms until it holds, for at most `within`.
-async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if check() {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn the_gateway_snapshot_follows_bindings() {
     let dir = tempfile::tempdir().unwrap();

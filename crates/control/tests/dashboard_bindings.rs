@@ -76,19 +76,6 @@ async fn csrf(b: &Browser, r: &Running) -> String {
     field(&page, "csrf")
 }
 
-async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if check() {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn the_pages_need_a_session_and_sit_in_the_nav() {
     let dir = tempfile::tempdir().unwrap();

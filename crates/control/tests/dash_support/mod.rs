@@ -18,6 +18,20 @@ use trellis_control::{Config, Server};
 use trellis_edge::gateway::RequestRecord;
 use trellis_proto::NodeKey;
 
+/// Polls `check` every 20 ms until it holds, for at most `within`.
+pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub const EMAIL: &str = "alex@example.com";
 pub const PASSWORD: &str = "correct horse battery";
 
