@@ -2,88 +2,48 @@
 //! a real control plane on 127.0.0.1 with its SQLite file in a temp dir, and
 //! fake nodes on real WebSocket control streams.
 
-use std::path::{Path, PathBuf};
+mod dash_support;
+
+use std::path::Path;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use dash_support::{next_msg, Ws};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use trellis_control::{Config, Server};
 use trellis_policy::{Filter, FilterSpec, PROTO_TCP};
 use trellis_proto::{
-    AuditEntry, CreateAccountResponse, CreateTokenResponse, EnrollResponse, NodeKey, NodeMessage,
-    PolicyInfo, PolicyRejected, PolicyTestResponse, PolicyVersionInfo, ServerMessage,
-    SetPolicyResponse, TokenInfo,
+    AuditEntry, CreateAccountResponse, CreateTokenResponse, EnrollResponse, NodeKey, PolicyInfo,
+    PolicyRejected, PolicyTestResponse, PolicyVersionInfo, ServerMessage, SetPolicyResponse,
+    TokenInfo,
 };
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// The product's promise: a change reaches every node within 1 s.
 const PUSH: Duration = Duration::from_secs(1);
 
+/// The shared in-process server, with calls that take any API key.
 struct Running {
-    url: String,
+    server: dash_support::Running,
+    /// The operator's API key.
     admin: String,
-    db: PathBuf,
     http: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Running {
     async fn start(dir: &Path) -> Running {
-        let server = Server::start(Config {
-            data_dir: dir.to_path_buf(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            public_url: None,
-            edge_udp: None,
-            dns_suffix: "mesh".into(),
-            flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
-            gateway_listen: None,
-            gateway_tls: None,
-        })
-        .await
-        .unwrap();
-        let url = server.url();
-        let admin = std::fs::read_to_string(server.admin_key_path())
-            .unwrap()
-            .trim()
-            .to_string();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(async move {
-            let _ = rx.await;
-        }));
+        let server = dash_support::Running::start(dir).await;
         Running {
-            url,
-            admin,
-            db: dir.join(trellis_control::DB_FILE),
+            admin: server.operator.clone(),
             http: reqwest::Client::new(),
-            stop: Some(tx),
-            task: Some(task),
+            server,
         }
     }
 
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), task)
-                .await
-                .expect("server stops within 10 s")
-                .unwrap()
-                .unwrap();
-        }
+    async fn stop(self) {
+        self.server.stop().await;
     }
 
     fn api(&self, path: &str) -> String {
-        format!("{}/api/v1{path}", self.url)
+        format!("{}/api/v1{path}", self.server.url)
     }
 
     async fn call(
@@ -196,45 +156,7 @@ impl Running {
 
     /// Connects a fake node, says hello, returns the stream and its first map.
     async fn connect(&self, secret: &str) -> (Ws, trellis_proto::NetworkMap) {
-        let url = format!(
-            "{}/api/v1/node/stream",
-            self.url.replacen("http://", "ws://", 1)
-        );
-        let mut req = url.into_client_request().unwrap();
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {secret}").parse().unwrap());
-        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-        let hello = NodeMessage::Hello {
-            listen_port: 51820,
-            local_addrs: vec!["198.18.0.10".parse().unwrap()],
-            reflexive: None,
-            advertise_routes: Vec::new(),
-            os: "linux".into(),
-            version: "test".into(),
-        };
-        ws.send(Message::Text(serde_json::to_string(&hello).unwrap().into()))
-            .await
-            .unwrap();
-        match next_msg(&mut ws, Duration::from_secs(2)).await {
-            ServerMessage::Map(m) => (ws, m),
-            other => panic!("expected the map first, got {other:?}"),
-        }
-    }
-}
-
-async fn next_msg(ws: &mut Ws, within: Duration) -> ServerMessage {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .expect("a server message in time")
-            .expect("stream still open")
-            .expect("no websocket error");
-        match msg {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-            Message::Close(f) => panic!("stream closed: {f:?}"),
-            _ => {}
-        }
+        self.server.connect(secret).await
     }
 }
 
@@ -797,7 +719,7 @@ async fn audit_rows_cannot_be_updated_or_deleted() {
     srv.set_policy_ok(&k, WEB_ONLY).await;
     assert_eq!(srv.audit(&k, "").await.len(), 2);
 
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", srv.db.display()))
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", srv.server.db.display()))
         .await
         .unwrap();
     let e = sqlx::query("UPDATE audit_log SET actor = 'nobody'")
@@ -938,7 +860,7 @@ async fn an_unparsable_stored_policy_falls_back_to_the_last_good_version() {
     assert_eq!(decide(&f, &a_ip, &b_ip, 80), (true, Some("web".into())));
 
     // Version 3 slips in behind the API's back and does not parse.
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", srv.db.display()))
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", srv.server.db.display()))
         .await
         .unwrap();
     sqlx::query(
