@@ -3,18 +3,16 @@
 //! export and the live SSE stream). Real SQLite in temp dirs, real HTTP and
 //! WebSockets on 127.0.0.1.
 
+mod dash_support;
+
 use std::path::Path;
 use std::time::Duration;
 
+use dash_support::{next_msg, Ws};
 use futures_util::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use trellis_control::flows::{now_ms, DEFAULT_FLOW_RETENTION};
 use trellis_control::{Config, Server};
 use trellis_proto::{
@@ -22,14 +20,12 @@ use trellis_proto::{
     FlowRecord, NodeKey, NodeMessage, ServerMessage,
 };
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
+/// The shared in-process server, with calls that take any API key.
 struct Running {
-    url: String,
+    server: dash_support::Running,
+    /// The operator's API key.
     admin: String,
     http: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Running {
@@ -38,51 +34,21 @@ impl Running {
     }
 
     async fn start_with(dir: &Path, flow_retention: Duration) -> Running {
-        let server = Server::start(Config {
-            data_dir: dir.to_path_buf(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            public_url: None,
-            edge_udp: None,
-            dns_suffix: "mesh".into(),
-            flow_retention,
-            gateway_listen: None,
-            gateway_tls: None,
-        })
-        .await
-        .unwrap();
-        let url = server.url();
-        let admin = std::fs::read_to_string(server.admin_key_path())
-            .unwrap()
-            .trim()
-            .to_string();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(async move {
-            let _ = rx.await;
-        }));
+        let server =
+            dash_support::Running::start_with(dir, |c| c.flow_retention = flow_retention).await;
         Running {
-            url,
-            admin,
+            admin: server.operator.clone(),
             http: reqwest::Client::new(),
-            stop: Some(tx),
-            task: Some(task),
+            server,
         }
     }
 
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), task)
-                .await
-                .expect("server stops within 10 s")
-                .unwrap()
-                .unwrap();
-        }
+    async fn stop(self) {
+        self.server.stop().await;
     }
 
     fn api(&self, path: &str) -> String {
-        format!("{}/api/v1{path}", self.url)
+        format!("{}/api/v1{path}", self.server.url)
     }
 
     async fn post(&self, key: Option<&str>, path: &str, body: Value) -> (StatusCode, Value) {
@@ -144,28 +110,7 @@ impl Running {
 
     /// Connects a node's control stream, says hello and reads its map.
     async fn connect(&self, secret: &str) -> Ws {
-        let url = format!(
-            "{}/api/v1/node/stream",
-            self.url.replacen("http://", "ws://", 1)
-        );
-        let mut req = url.into_client_request().unwrap();
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {secret}").parse().unwrap());
-        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-        let hello = NodeMessage::Hello {
-            listen_port: 41641,
-            local_addrs: Vec::new(),
-            reflexive: None,
-            advertise_routes: Vec::new(),
-            os: "linux".into(),
-            version: "test".into(),
-        };
-        send_json(&mut ws, &hello).await;
-        match next_msg(&mut ws, Duration::from_secs(2)).await {
-            ServerMessage::Map(_) => {}
-            other => panic!("expected the map first, got {other:?}"),
-        }
-        ws
+        self.server.connect(secret).await.0
     }
 
     /// Opens the live stream; returns once the server has answered (subscribed).
@@ -190,22 +135,6 @@ async fn send_json<T: serde::Serialize>(ws: &mut Ws, msg: &T) {
     ws.send(Message::Text(serde_json::to_string(msg).unwrap().into()))
         .await
         .unwrap();
-}
-
-async fn next_msg(ws: &mut Ws, within: Duration) -> ServerMessage {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .expect("a server message in time")
-            .expect("stream still open")
-            .expect("no websocket error");
-        match msg {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-            Message::Close(f) => panic!("stream closed: {f:?}"),
-            _ => {}
-        }
-    }
 }
 
 /// Sends batch `seq` and waits for its ack (skipping map deltas).
