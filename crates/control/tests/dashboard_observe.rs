@@ -4,102 +4,21 @@
 //! through the REST API, and one account's session sees and changes nothing
 //! of another account.
 
-use std::path::Path;
+mod dash_support;
+
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use reqwest::header::LOCATION;
-use reqwest::redirect::Policy;
+use dash_support::{field, location, Browser, Running, Ws, EMAIL};
+use futures_util::SinkExt;
 use reqwest::{Client, Method, Response, StatusCode};
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use trellis_control::{Config, Server};
 use trellis_proto::{FlowRecord, NodeKey, NodeMessage, ServerMessage};
 
-const EMAIL: &str = "alex@example.com";
-const PASSWORD: &str = "correct horse battery";
 const OTHER_EMAIL: &str = "bo@example.com";
 const OTHER_PASSWORD: &str = "another long password";
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-struct Running {
-    url: String,
-    setup_url: Option<String>,
-    operator: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
 impl Running {
-    async fn start(dir: &Path) -> Running {
-        let server = Server::start(Config {
-            data_dir: dir.to_path_buf(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            public_url: None,
-            edge_udp: None,
-            dns_suffix: "mesh".into(),
-            flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
-            gateway_listen: None,
-            gateway_tls: None,
-        })
-        .await
-        .unwrap();
-        let url = server.url();
-        let setup_url = server.setup_url();
-        let operator = std::fs::read_to_string(server.admin_key_path())
-            .unwrap()
-            .trim()
-            .to_string();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(async move {
-            let _ = rx.await;
-        }));
-        Running {
-            url,
-            setup_url,
-            operator,
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), task)
-                .await
-                .expect("server stops within 10 s")
-                .unwrap()
-                .unwrap();
-        }
-    }
-
-    fn at(&self, path: &str) -> String {
-        format!("{}{path}", self.url)
-    }
-
-    /// Calls the REST API with the operator key.
-    async fn api(&self, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
-        let resp = Client::new()
-            .request(method, self.at(&format!("/api/v1{path}")))
-            .bearer_auth(&self.operator)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-
     /// The policy in force in `account` (version, text).
     async fn policy(&self, account: &str) -> (i64, String) {
         let (status, v) = self
@@ -117,7 +36,7 @@ impl Running {
     }
 
     /// Enrolls a node in `account`; returns its node secret.
-    async fn enroll(&self, account: &str, key: u8, name: &str) -> String {
+    async fn enroll_in(&self, account: &str, key: u8, name: &str) -> String {
         let (status, tok) = self
             .api(
                 Method::POST,
@@ -145,51 +64,8 @@ impl Running {
     }
 
     /// Connects a node's control stream, says hello and reads its map.
-    async fn connect(&self, secret: &str) -> Ws {
-        let url = format!(
-            "{}/api/v1/node/stream",
-            self.url.replacen("http://", "ws://", 1)
-        );
-        let mut req = url.into_client_request().unwrap();
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {secret}").parse().unwrap());
-        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-        let hello = NodeMessage::Hello {
-            listen_port: 41641,
-            local_addrs: Vec::new(),
-            reflexive: None,
-            advertise_routes: Vec::new(),
-            os: "linux".into(),
-            version: "test".into(),
-        };
-        send_json(&mut ws, &hello).await;
-        match next_msg(&mut ws).await {
-            ServerMessage::Map(_) => {}
-            other => panic!("expected the map first, got {other:?}"),
-        }
-        ws
-    }
-
-    /// Creates the first admin through the setup link; returns the logged-in browser.
-    async fn setup_admin(&self) -> Browser {
-        let b = Browser::new();
-        let page = b
-            .get(self.setup_url.as_deref().expect("a setup link"))
-            .await;
-        assert_eq!(page.0, StatusCode::OK, "{}", page.1);
-        let resp = b
-            .post(
-                &self.at("/setup"),
-                &[
-                    ("csrf", &field(&page.1, "csrf")),
-                    ("token", &field(&page.1, "token")),
-                    ("email", EMAIL),
-                    ("password", PASSWORD),
-                ],
-            )
-            .await;
-        assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-        b
+    async fn connect_ws(&self, secret: &str) -> Ws {
+        self.connect(secret).await.0
     }
 
     /// A second account "other" with its own admin, logged in.
@@ -231,18 +107,7 @@ async fn send_json<T: serde::Serialize>(ws: &mut Ws, msg: &T) {
 }
 
 async fn next_msg(ws: &mut Ws) -> ServerMessage {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("a server message in time")
-            .expect("stream still open")
-            .expect("no websocket error");
-        match msg {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-            Message::Close(f) => panic!("stream closed: {f:?}"),
-            _ => {}
-        }
-    }
+    dash_support::next_msg(ws, Duration::from_secs(5)).await
 }
 
 /// Sends batch `seq` and waits for its ack (skipping map deltas).
@@ -287,55 +152,20 @@ fn flow(dst_port: u16, decision: &str, end_ms: i64) -> FlowRecord {
     }
 }
 
-/// A browser: a cookie jar, no automatic redirects.
-struct Browser {
-    http: Client,
-}
-
 impl Browser {
-    fn new() -> Browser {
-        Browser {
-            http: Client::builder()
-                .cookie_store(true)
-                .redirect(Policy::none())
-                .build()
-                .unwrap(),
-        }
-    }
-
-    async fn get(&self, url: &str) -> (StatusCode, String) {
-        let resp = self.http.get(url).send().await.unwrap();
-        let status = resp.status();
-        (status, resp.text().await.unwrap())
-    }
-
-    async fn post(&self, url: &str, form: &[(&str, &str)]) -> Response {
-        self.http.post(url).form(form).send().await.unwrap()
-    }
-
     async fn post_page(&self, url: &str, form: &[(&str, &str)]) -> (StatusCode, String) {
         let resp = self.post(url, form).await;
         let status = resp.status();
         (status, resp.text().await.unwrap())
     }
 
-    /// The session's CSRF token, read from the policy page.
-    async fn csrf(&self, r: &Running) -> String {
+    /// The session's CSRF token, read from the policy page (every account's
+    /// admin has one).
+    async fn policy_csrf(&self, r: &Running) -> String {
         let (status, page) = self.get(&r.at("/policy")).await;
         assert_eq!(status, StatusCode::OK, "{page}");
         field(&page, "csrf")
     }
-}
-
-/// The value of the first `<input name="NAME" value="...">` in a page.
-fn field(page: &str, name: &str) -> String {
-    let at = page
-        .find(&format!(r#"name="{name}""#))
-        .unwrap_or_else(|| panic!("no input {name} in {page}"));
-    let rest = &page[at..];
-    let v = rest.find(r#"value=""#).expect("the input has a value") + 7;
-    let end = rest[v..].find('"').unwrap();
-    rest[v..v + end].to_string()
 }
 
 /// The text inside the element with id `id` (up to its first `<`).
@@ -356,13 +186,6 @@ fn unescape(s: &str) -> String {
         .replace("&lt;", "<")
         .replace("&gt;", ">")
         .replace("&amp;", "&")
-}
-
-fn location(resp: &Response) -> String {
-    resp.headers()
-        .get(LOCATION)
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default()
 }
 
 /// Reads SSE text from `resp` until `want` shows up (or 5 s pass).
@@ -407,8 +230,8 @@ async fn the_policy_page_saves_refuses_tests_and_restores() {
     let dir = tempfile::tempdir().unwrap();
     let r = Running::start(dir.path()).await;
     let a = r.setup_admin().await;
-    r.enroll("default", 1, "web").await;
-    r.enroll("default", 2, "db").await;
+    r.enroll_in("default", 1, "web").await;
+    r.enroll_in("default", 2, "db").await;
 
     let (status, page) = a.get(&r.at("/policy")).await;
     assert_eq!(status, StatusCode::OK);
@@ -566,8 +389,8 @@ async fn the_logs_page_filters_pages_and_streams_live() {
     let dir = tempfile::tempdir().unwrap();
     let r = Running::start(dir.path()).await;
     let a = r.setup_admin().await;
-    let secret = r.enroll("default", 1, "web").await;
-    let mut ws = r.connect(&secret).await;
+    let secret = r.enroll_in("default", 1, "web").await;
+    let mut ws = r.connect_ws(&secret).await;
     let now = trellis_control::flows::now_ms();
     let mut batch: Vec<FlowRecord> = (0..55)
         .map(|i| flow(22, "allow", now - 60_000 + i))
@@ -719,7 +542,7 @@ async fn another_accounts_session_cannot_see_or_change_this_policy() {
     let dir = tempfile::tempdir().unwrap();
     let r = Running::start(dir.path()).await;
     let _a = r.setup_admin().await;
-    r.enroll("default", 1, "secret-db").await;
+    r.enroll_in("default", 1, "secret-db").await;
     let (status, _) = r
         .api(
             Method::PUT,
@@ -732,7 +555,7 @@ async fn another_accounts_session_cannot_see_or_change_this_policy() {
     let (_, page) = b.get(&r.at("/policy")).await;
     assert!(!page.contains("only-in-default"), "{page}");
     assert!(!page.contains("secret-db"), "{page}");
-    let csrf = b.csrf(&r).await;
+    let csrf = b.policy_csrf(&r).await;
     // B's save changes B's policy only.
     let resp = b
         .post(
@@ -765,7 +588,7 @@ async fn another_accounts_session_cannot_see_or_change_this_policy() {
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{page}");
     // A's CSRF token does not work in B's session.
-    let a_csrf = _a.csrf(&r).await;
+    let a_csrf = _a.policy_csrf(&r).await;
     let resp = b
         .post(
             &r.at("/policy/restore"),
@@ -793,9 +616,9 @@ async fn the_overview_events_push_the_device_list() {
     read_until(&mut theirs, &mut seen_b, "\"network\":\"other\"").await;
 
     // A device joins and comes online: the list is pushed.
-    let secret = r.enroll("default", 1, "laptop").await;
+    let secret = r.enroll_in("default", 1, "laptop").await;
     read_until(&mut mine, &mut seen, "\"name\":\"laptop\"").await;
-    let _ws = r.connect(&secret).await;
+    let _ws = r.connect_ws(&secret).await;
     read_until(&mut mine, &mut seen, "\"online\":true").await;
     // Nothing of it reaches the other account.
     let quiet = tokio::time::timeout(Duration::from_millis(500), async {
