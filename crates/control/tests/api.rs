@@ -1,21 +1,20 @@
 //! End-to-end tests of the control plane: real SQLite files in temp dirs, real
 //! HTTP on 127.0.0.1, real WebSocket clients.
 
+mod dash_support;
+
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dash_support::{next_msg, Ws};
 use futures_util::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use trellis_control::{Config, Server};
 use trellis_edge::RelayHub;
 use trellis_proto::{
@@ -23,69 +22,37 @@ use trellis_proto::{
     NodeMessage, ServerMessage,
 };
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
+/// The shared in-process server (with the edge on), with calls that take any API key.
 struct Running {
-    url: String,
+    server: dash_support::Running,
+    /// The operator's API key.
     admin: String,
     edge: SocketAddr,
     relay: Arc<RelayHub>,
     http: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Running {
     async fn start(dir: &Path) -> Running {
-        let server = Server::start(Config {
-            data_dir: dir.to_path_buf(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            public_url: None,
-            edge_udp: Some("127.0.0.1:0".parse().unwrap()),
-            dns_suffix: "mesh".into(),
-            flow_retention: trellis_control::flows::DEFAULT_FLOW_RETENTION,
-            gateway_listen: None,
-            gateway_tls: None,
+        let server = dash_support::Running::start_with(dir, |c| {
+            c.edge_udp = Some("127.0.0.1:0".parse().unwrap())
         })
-        .await
-        .unwrap();
-        let url = server.url();
-        let edge = server.edge_udp_addr().expect("the edge runs");
-        let relay = server.relay_hub();
-        let admin = std::fs::read_to_string(server.admin_key_path())
-            .unwrap()
-            .trim()
-            .to_string();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(async move {
-            let _ = rx.await;
-        }));
+        .await;
         Running {
-            url,
-            admin,
-            edge,
-            relay,
+            admin: server.operator.clone(),
+            edge: server.edge.expect("the edge runs"),
+            relay: server.relay.clone(),
             http: reqwest::Client::new(),
-            stop: Some(tx),
-            task: Some(task),
+            server,
         }
     }
 
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), task)
-                .await
-                .expect("server stops within 10 s")
-                .unwrap()
-                .unwrap();
-        }
+    async fn stop(self) {
+        self.server.stop().await;
     }
 
     fn api(&self, path: &str) -> String {
-        format!("{}/api/v1{path}", self.url)
+        format!("{}/api/v1{path}", self.server.url)
     }
 
     async fn post(&self, key: Option<&str>, path: &str, body: Value) -> (StatusCode, Value) {
@@ -169,7 +136,7 @@ impl Running {
     fn ws_url(&self) -> String {
         format!(
             "{}/api/v1/node/stream",
-            self.url.replacen("http://", "ws://", 1)
+            self.server.url.replacen("http://", "ws://", 1)
         )
     }
 
@@ -209,7 +176,6 @@ async fn hello_reflexive(ws: &mut Ws, port: u16, local: &[&str], reflexive: Opti
         .unwrap();
 }
 
-/// The next server message, skipping pings; panics after `within`.
 /// Reads deltas until one whose upserted peers satisfy `pred` (deltas are
 /// ordered and eventually consistent: an earlier recomputation may be pushed
 /// first), failing after `within`.
@@ -225,22 +191,6 @@ async fn delta_until(
             ServerMessage::Delta { upsert, .. } if pred(&upsert) => return upsert,
             ServerMessage::Delta { .. } => continue,
             other => panic!("expected a delta, got {other:?}"),
-        }
-    }
-}
-
-async fn next_msg(ws: &mut Ws, within: Duration) -> ServerMessage {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .expect("a server message in time")
-            .expect("stream still open")
-            .expect("no websocket error");
-        match msg {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-            Message::Close(f) => panic!("stream closed: {f:?}"),
-            _ => {}
         }
     }
 }
@@ -953,7 +903,10 @@ use trellis_proto::frames::{
 
 impl Running {
     async fn relay_raw(&self, secret: &str) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
-        let url = format!("{}/api/v1/relay", self.url.replacen("http://", "ws://", 1));
+        let url = format!(
+            "{}/api/v1/relay",
+            self.server.url.replacen("http://", "ws://", 1)
+        );
         let mut req = url.into_client_request().unwrap();
         req.headers_mut()
             .insert("authorization", format!("Bearer {secret}").parse().unwrap());

@@ -44,6 +44,9 @@ pub struct Running {
     /// `SCHEME://HOST:PORT` of the gateway.
     pub gateway_url: Option<String>,
     pub setup_url: Option<String>,
+    /// The edge's UDP address, when the server runs the edge.
+    pub edge: Option<std::net::SocketAddr>,
+    pub relay: std::sync::Arc<trellis_edge::RelayHub>,
     pub line: String,
     pub operator: String,
     pub stop: Option<oneshot::Sender<()>>,
@@ -73,6 +76,8 @@ impl Running {
         let gateway = server.gateway();
         let gateway_url = server.gateway_url();
         let setup_url = server.setup_url();
+        let edge = server.edge_udp_addr();
+        let relay = server.relay_hub();
         let line = server.dashboard_line();
         let operator = std::fs::read_to_string(server.admin_key_path())
             .unwrap()
@@ -88,6 +93,8 @@ impl Running {
             gateway,
             gateway_url,
             setup_url,
+            edge,
+            relay,
             line,
             operator,
             stop: Some(tx),
