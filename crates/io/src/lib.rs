@@ -406,26 +406,24 @@ impl TunRx {
     }
 
     /// Reads what the TUN device holds without waiting, encrypts it and
-    /// sends it. Returns how many packets were read.
+    /// sends it.
     ///
     /// At a low rate (the last batch had at most one packet) the first read
     /// is sent at once, before looking for more: the read that would find
     /// the device empty then comes after the packet left, not before. Under
     /// load, reads are gathered into a batch as long as there is room.
-    fn drain(&mut self, s: &Shared) -> usize {
-        let mut total = 0;
+    fn drain(&mut self, s: &Shared) {
         loop {
             let eager = self.eager;
             let n = self.read(s, eager);
             if n == 0 {
                 self.eager = true;
-                return total;
+                return;
             }
             self.seal_and_send(s, n);
-            total += n;
             if !eager {
                 self.eager = n <= 1;
-                return total;
+                return;
             }
             // Whatever came in meanwhile is read as a batch.
             self.eager = false;
