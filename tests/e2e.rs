@@ -972,7 +972,8 @@ fn nodes_probe_reports_direct_path_and_clear_errors() {
 // ---------------------------------------------------------------------------
 // Packets of a flow arrive in the order they were sent, also while both of a
 // node's packet threads read its TUN device (the receive side sends the
-// kernel's answers itself) and the kernel answers a flood of pings.
+// kernel's answers itself), the kernel answers a flood of pings, and bursts
+// move a's encryption to its second thread and back.
 // ---------------------------------------------------------------------------
 
 #[test]
@@ -1082,5 +1083,17 @@ fn packets_keep_their_order_while_the_kernel_answers() {
     lab.ensure(
         received >= 2970,
         format!("flood ping through the tunnel lost replies:\n{summary}"),
+    );
+    // The order held across hand-overs of a's TUN device: a burst hands it
+    // to the second thread, and it comes back when the burst ends (a
+    // hand-over happens only from the first thread, so two mean a return).
+    let st = lab.check(lab.status(&a.node), "status of a");
+    let handovers = st.raw["data_plane"]["tun_handovers"].as_u64();
+    lab.ensure(
+        handovers.is_some_and(|n| n >= 2),
+        format!(
+            "a's TUN device went to the second thread {handovers:?} times during the bursts (expected 2 or more); status: {}",
+            st.raw["data_plane"]
+        ),
     );
 }

@@ -42,6 +42,12 @@ pub fn wait_fd(fd: std::os::fd::RawFd, events: i16, timeout_ms: i32) -> bool {
     n > 0 && pfd.revents != 0
 }
 
+impl AsRawFd for BatchSocket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
 impl BatchSocket {
     /// Takes a bound socket, makes it non-blocking, turns on GRO and sizes its buffers.
     pub fn new(socket: UdpSocket) -> io::Result<BatchSocket> {

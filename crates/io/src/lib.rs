@@ -1,19 +1,26 @@
 //! The data plane's IO shell: a TUN device and a UDP socket, and the threads
 //! that move packets between them through the sans-IO [`Tunnel`] core.
 //!
-//! Three threads: TUN → encrypt → UDP, UDP → decrypt → TUN, and a timer tick.
-//! Each wakes on readiness, drains a whole batch, takes the core's lock once
-//! per batch, and writes its outputs after releasing it. Buffers are allocated
-//! once at start; the UDP side uses `quinn-udp` for recvmmsg/GRO and GSO so
-//! that a batch costs few syscalls.
+//! Three threads: the packet thread (UDP → decrypt → TUN, and at low rates
+//! TUN → encrypt → UDP too), a TUN helper that takes over TUN → encrypt → UDP
+//! under load so that encryption and decryption run on two cores, and a
+//! timer tick. Each wakes on readiness, drains a whole batch, takes the
+//! core's lock once per batch, and writes its outputs after releasing it.
+//! Buffers are allocated once at start; the UDP side uses `quinn-udp` for
+//! recvmmsg/GRO and GSO so that a batch costs few syscalls.
 //!
-//! Latency: the kernel often answers a packet while it is being written to
-//! the TUN device (an echo reply, a TCP ACK, a local service's response), so
-//! after a small receive batch the UDP thread reads the TUN device once
-//! itself and sends what it finds, instead of waking the TUN thread for it.
-//! The right to read the device (with its buffers) is a lock held from read
-//! to send, so packets of a flow still leave in order. At a low rate the TUN
-//! side sends each read at once and looks for more afterwards.
+//! Latency: at a low rate one thread carries a round trip's both halves, so
+//! a ping or a request/response wakes one thread per packet, on a warm cache,
+//! instead of two threads handing over to each other. When a TUN read brings
+//! a batch (`HANDOVER_BATCH` packets or more) the packet thread hands the
+//! TUN device to the helper; the helper hands it back when it falls idle.
+//! The kernel often answers a packet while it is being written to the TUN
+//! device (an echo reply, a TCP ACK, a local service's response), so after a
+//! small receive batch the packet thread reads the TUN device once itself
+//! and sends what it finds, whoever owns the device. The right to read the
+//! device (with its buffers) is a lock held from read to send, so packets of
+//! a flow leave in order across hand-overs. At a low rate each read is sent
+//! at once and the device is looked at again afterwards.
 //!
 //! On Linux the TUN device is opened with offloads when the kernel allows it
 //! (`IFF_VNET_HDR` with TSO4/TSO6, and USO where supported): one read brings
@@ -24,10 +31,10 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 pub mod batch;
@@ -44,9 +51,22 @@ const TUN_BATCH: usize = 64;
 const TUN_OFFLOAD_SLOTS: usize = 2 * IDEAL_BATCH_SIZE;
 /// Packets coalesced per TUN write batch (GRO) with offloads.
 const GRO_BATCH: usize = IDEAL_BATCH_SIZE;
-/// Largest receive batch after which the UDP thread looks for the kernel's
-/// answers in the TUN device itself.
+/// Largest receive batch after which the packet thread looks for the
+/// kernel's answers in the TUN device itself.
 const ANSWER_BATCH: usize = 4;
+/// A TUN drain of this many packets hands the TUN device to the helper
+/// thread (see the module documentation).
+const HANDOVER_BATCH: usize = 8;
+/// The helper hands the TUN device back after this long without a packet...
+const HANDBACK_IDLE_MS: i32 = 2;
+/// ...or after this many drains in a row of at most one packet.
+const HANDBACK_SMALL_DRAINS: u32 = 64;
+/// Who reads the TUN device when it becomes readable.
+const TUN_OWNER_PACKET: u8 = 0;
+const TUN_OWNER_HELPER: u8 = 1;
+/// A TUN read this long after the last one that brought packets is sent
+/// at once, without looking for more first.
+const EAGER_GAP: Duration = Duration::from_micros(50);
 /// Largest IP packet, and so the largest coalesced write.
 const MAX_IP_PACKET: usize = 65_535;
 /// Environment variable that turns TUN offloads off (`0`, `false`, `off`, `no`).
@@ -74,6 +94,8 @@ pub struct Counters {
     pub udp_rx_datagrams: AtomicU64,
     pub dropped: AtomicU64,
     pub send_errors: AtomicU64,
+    /// Times the packet thread handed the TUN device to the helper.
+    pub tun_handovers: AtomicU64,
 }
 
 /// Where frames for the TCP relay go (the node agent's WebSocket task).
@@ -86,6 +108,12 @@ struct Shared {
     relay_tcp: Mutex<Option<RelayTcpSink>>,
     tun: SyncDevice,
     udp: BatchSocket,
+    /// [`TUN_OWNER_PACKET`] or [`TUN_OWNER_HELPER`]; changed only by the owner.
+    tun_owner: AtomicU8,
+    /// Wakes the packet thread when the helper hands the TUN device back.
+    handback: OwnedFd,
+    /// The helper thread, to wake it when it is handed the TUN device.
+    helper: OnceLock<Thread>,
     stop: AtomicBool,
     counters: Counters,
     /// The TUN device carries a virtio-net header on every read and write.
@@ -145,6 +173,13 @@ impl DataPlane {
         let udp = BatchSocket::new(bind_udp(config.listen_port)?)
             .context("configuring the UDP socket")?;
         let listen_port = udp.local_addr()?.port();
+        // SAFETY: eventfd takes no pointers; a valid result is a new fd we own.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error()).context("creating an eventfd");
+        }
+        // SAFETY: `efd` is a fresh, valid descriptor owned by nobody else.
+        let handback = unsafe { OwnedFd::from_raw_fd(efd) };
 
         let shared = Arc::new(Shared {
             tunnel: Mutex::new(tunnel),
@@ -152,23 +187,28 @@ impl DataPlane {
             relay_tcp: Mutex::new(None),
             tun,
             udp,
+            tun_owner: AtomicU8::new(TUN_OWNER_PACKET),
+            handback,
+            helper: OnceLock::new(),
             stop: AtomicBool::new(false),
             counters: Counters::default(),
             offload,
         });
         let mut threads = Vec::new();
         for (name, f) in [
-            ("trellis-tun", tun_loop as fn(&Shared)),
-            ("trellis-udp", udp_loop),
+            ("trellis-tun", tun_helper_loop as fn(&Shared)),
+            ("trellis-packets", packet_loop),
             ("trellis-timers", timer_loop),
         ] {
             let s = shared.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(name.into())
-                    .spawn(move || f(&s))
-                    .context("spawning a data-plane thread")?,
-            );
+            let t = std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || f(&s))
+                .context("spawning a data-plane thread")?;
+            if name == "trellis-tun" {
+                let _ = shared.helper.set(t.thread().clone());
+            }
+            threads.push(t);
         }
         tracing::info!(
             ifname = %config.ifname,
@@ -374,8 +414,8 @@ struct TunRx {
     outs: Vec<Out>,
     /// Another read is made only while this many packet slots are free.
     room: usize,
-    /// Low rate: send the first read at once (see [`TunRx::drain`]).
-    eager: bool,
+    /// When a read last brought packets (see [`TunRx::drain`]).
+    last_read: Instant,
 }
 
 impl TunRx {
@@ -401,33 +441,28 @@ impl TunRx {
             out: vec![0u8; slots * out_slot],
             outs: Vec::with_capacity(slots),
             room,
-            eager: true,
+            last_read: Instant::now(),
         }
     }
 
     /// Reads what the TUN device holds without waiting, encrypts it and
     /// sends it.
     ///
-    /// At a low rate (the last batch had at most one packet) the first read
-    /// is sent at once, before looking for more: the read that would find
-    /// the device empty then comes after the packet left, not before. Under
-    /// load, reads are gathered into a batch as long as there is room.
-    fn drain(&mut self, s: &Shared) {
-        loop {
-            let eager = self.eager;
-            let n = self.read(s, eager);
-            if n == 0 {
-                self.eager = true;
-                return;
-            }
+    /// At a low rate (nothing read for [`EAGER_GAP`]) one read is sent at
+    /// once, without a second read that would find the device empty: the
+    /// caller's next poll shows whatever came meanwhile. Under load, reads
+    /// are gathered into a batch as long as there is room.
+    ///
+    /// Returns the number of packets read.
+    fn drain(&mut self, s: &Shared) -> usize {
+        let now = Instant::now();
+        let eager = now.duration_since(self.last_read) > EAGER_GAP;
+        let n = self.read(s, eager);
+        if n > 0 {
+            self.last_read = now;
             self.seal_and_send(s, n);
-            if !eager {
-                self.eager = n <= 1;
-                return;
-            }
-            // Whatever came in meanwhile is read as a batch.
-            self.eager = false;
         }
+        n
     }
 
     /// Reads into the packet slots: once if `once`, else until the device
@@ -507,18 +542,58 @@ impl TunRx {
     }
 }
 
-/// TUN → encrypt → UDP.
-fn tun_loop(s: &Shared) {
+/// Reads, encrypts and sends what the TUN device holds (the caller owns the
+/// device); returns the number of packets read.
+fn drain_tun(s: &Shared) -> usize {
+    // The other thread may hold the reader for a moment (and may have read
+    // what woke this one already: the read then finds nothing).
+    let mut rx = s.tun_rx.lock().unwrap_or_else(|e| e.into_inner());
+    rx.drain(s)
+}
+
+/// The helper's side of TUN → encrypt → UDP: asleep until the packet thread
+/// hands it the TUN device under load, then reads it until it falls idle.
+fn tun_helper_loop(s: &Shared) {
     let fd = s.tun.as_raw_fd();
+    let mut small = 0;
     while !s.stop.load(Ordering::Relaxed) {
-        if !wait_fd(fd, libc::POLLIN, IDLE_POLL_MS) {
+        if s.tun_owner.load(Ordering::Acquire) != TUN_OWNER_HELPER {
+            std::thread::park_timeout(Duration::from_millis(IDLE_POLL_MS as u64));
+            small = 0;
             continue;
         }
-        // The UDP thread may hold it for a moment (and may have read what
-        // woke this thread already: the read then finds nothing).
-        let mut rx = s.tun_rx.lock().unwrap_or_else(|e| e.into_inner());
-        rx.drain(s);
+        let busy = wait_fd(fd, libc::POLLIN, HANDBACK_IDLE_MS) && {
+            let n = drain_tun(s);
+            small = if n > 1 { 0 } else { small + 1 };
+            small < HANDBACK_SMALL_DRAINS
+        };
+        if !busy {
+            s.tun_owner.store(TUN_OWNER_PACKET, Ordering::Release);
+            wake(&s.handback);
+        }
     }
+}
+
+/// Hands the TUN device to the helper thread (the packet thread owns it).
+fn hand_over(s: &Shared) {
+    s.tun_owner.store(TUN_OWNER_HELPER, Ordering::Release);
+    s.counters.tun_handovers.fetch_add(1, Ordering::Relaxed);
+    if let Some(t) = s.helper.get() {
+        t.unpark();
+    }
+}
+
+fn wake(efd: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer to our eventfd. It fails
+    // only when the counter is full, and then the reader wakes anyway.
+    unsafe { libc::write(efd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+}
+
+fn clear(efd: &OwnedFd) {
+    let mut buf = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into a live buffer; non-blocking.
+    unsafe { libc::read(efd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
 }
 
 /// Decrypted packets on their way to the TUN device: written one by one, or,
@@ -581,8 +656,9 @@ impl TunWriter {
     }
 }
 
-/// UDP → decrypt → TUN.
-fn udp_loop(s: &Shared) {
+/// UDP → decrypt → TUN, and TUN → encrypt → UDP while the TUN device is
+/// not handed to the helper.
+fn packet_loop(s: &Shared) {
     let mut bufs = RecvBufs::default();
     // Plaintext is never longer than its ciphertext.
     let mut plain = vec![0u8; quinn_udp::BATCH_SIZE * 65_536 + MIN_BUFFER];
@@ -590,28 +666,49 @@ fn udp_loop(s: &Shared) {
     let mut ctrl = vec![0u8; 64 * 2048];
     let mut ctrl_outs: Vec<Out> = Vec::with_capacity(64);
     let mut writer = TunWriter::new(s.offload);
+    let mut pfds =
+        [s.udp.as_raw_fd(), s.handback.as_raw_fd(), s.tun.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
     while !s.stop.load(Ordering::Relaxed) {
-        if !s.udp.wait_readable(IDLE_POLL_MS) {
+        let owns_tun = s.tun_owner.load(Ordering::Acquire) == TUN_OWNER_PACKET;
+        let nfds = if owns_tun { 3 } else { 2 };
+        // SAFETY: `nfds` valid pollfds for the duration of the call.
+        let ready = unsafe { libc::poll(pfds.as_mut_ptr(), nfds, IDLE_POLL_MS) };
+        if ready <= 0 {
+            continue;
+        }
+        if pfds[1].revents != 0 {
+            clear(&s.handback);
+        }
+        if owns_tun && pfds[2].revents != 0 && drain_tun(s) >= HANDOVER_BATCH {
+            hand_over(s);
+        }
+        if pfds[0].revents == 0 {
             continue;
         }
         loop {
-            match s.udp.recv(&mut bufs) {
+            let received = match s.udp.recv(&mut bufs) {
                 Ok(0) => break,
-                Ok(_) => {}
+                Ok(n) => n,
                 Err(e) => {
                     // ICMP errors from earlier sends surface here; they are not fatal.
                     tracing::debug!(error = %e, "UDP receive error");
                     continue;
                 }
-            }
+            };
             delivered.clear();
             ctrl_outs.clear();
             let mut pcur = 0;
             let mut ccur = 0;
+            let mut datagrams = 0;
             {
                 let now = Instant::now();
                 let mut tunnel = lock(&s.tunnel);
                 for (from, datagram) in bufs.datagrams() {
+                    datagrams += 1;
                     {
                         s.counters.udp_rx_datagrams.fetch_add(1, Ordering::Relaxed);
                         match tunnel.handle_datagram(now, from, datagram, &mut plain[pcur..]) {
@@ -655,10 +752,20 @@ fn udp_loop(s: &Shared) {
                 // reply): it already waits in the TUN device. Sending it
                 // from here saves a thread wake-up on the round trip. Only
                 // when nobody else is reading the device, and only for small
-                // batches: under load the TUN thread is awake anyway.
+                // batches: under load the helper is awake anyway.
                 if let Ok(mut rx) = s.tun_rx.try_lock() {
-                    rx.drain(s);
+                    if rx.drain(s) >= HANDOVER_BATCH
+                        && s.tun_owner.load(Ordering::Acquire) == TUN_OWNER_PACKET
+                    {
+                        drop(rx);
+                        hand_over(s);
+                    }
                 }
+            }
+            if received == 1 && datagrams == 1 {
+                // A low rate: the next poll shows what comes meanwhile,
+                // without a receive that finds nothing.
+                break;
             }
         }
     }

@@ -643,6 +643,18 @@ impl Agent {
             peers,
             flow_records_dropped: self.flows.records_dropped(),
             flow_batches_pending: self.flows.batches_pending(),
+            data_plane: {
+                let c = self.dp.counters();
+                let get =
+                    |x: &std::sync::atomic::AtomicU64| x.load(std::sync::atomic::Ordering::Relaxed);
+                DataPlaneJson {
+                    tun_packets: get(&c.tun_rx_packets),
+                    udp_datagrams: get(&c.udp_rx_datagrams),
+                    dropped: get(&c.dropped),
+                    send_errors: get(&c.send_errors),
+                    tun_handovers: get(&c.tun_handovers),
+                }
+            },
         }
     }
 }
@@ -667,6 +679,23 @@ pub struct Status {
     pub flow_records_dropped: u64,
     /// Batches of flow records on disk, not yet acknowledged by the control plane.
     pub flow_batches_pending: u64,
+    pub data_plane: DataPlaneJson,
+}
+
+/// The data plane's counters since the agent started.
+#[derive(Debug, Serialize)]
+pub struct DataPlaneJson {
+    /// Packets read from the TUN device (to be encrypted).
+    pub tun_packets: u64,
+    /// Datagrams received on the WireGuard socket.
+    pub udp_datagrams: u64,
+    /// Packets dropped: no peer for the destination, refused by a policy,
+    /// invalid or stale ciphertext, a failed TUN write.
+    pub dropped: u64,
+    /// Datagrams the kernel refused to send.
+    pub send_errors: u64,
+    /// Times a burst moved encryption onto the data plane's second thread.
+    pub tun_handovers: u64,
 }
 
 impl Agent {
