@@ -329,6 +329,9 @@ impl DataPlane {
 
     fn shutdown(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.shared.helper.get() {
+            t.unpark();
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -558,7 +561,8 @@ fn tun_helper_loop(s: &Shared) {
     let mut small = 0;
     while !s.stop.load(Ordering::Relaxed) {
         if s.tun_owner.load(Ordering::Acquire) != TUN_OWNER_HELPER {
-            std::thread::park_timeout(Duration::from_millis(IDLE_POLL_MS as u64));
+            // Woken by a hand-over or by the stop.
+            std::thread::park();
             small = 0;
             continue;
         }
@@ -666,6 +670,9 @@ fn packet_loop(s: &Shared) {
     let mut ctrl = vec![0u8; 64 * 2048];
     let mut ctrl_outs: Vec<Out> = Vec::with_capacity(64);
     let mut writer = TunWriter::new(s.offload);
+    // Whether the kernel answered the last packets written (see below).
+    let mut answering = true;
+    let mut looked_away = false;
     let mut pfds =
         [s.udp.as_raw_fd(), s.handback.as_raw_fd(), s.tun.as_raw_fd()].map(|fd| libc::pollfd {
             fd,
@@ -683,7 +690,13 @@ fn packet_loop(s: &Shared) {
         if pfds[1].revents != 0 {
             clear(&s.handback);
         }
-        if owns_tun && pfds[2].revents != 0 && drain_tun(s) >= HANDOVER_BATCH {
+        let tun_ready = owns_tun && pfds[2].revents != 0;
+        if looked_away && tun_ready {
+            // An answer came after all: look for the next one at once.
+            answering = true;
+        }
+        looked_away = false;
+        if tun_ready && drain_tun(s) >= HANDOVER_BATCH {
             hand_over(s);
         }
         if pfds[0].revents == 0 {
@@ -750,16 +763,24 @@ fn packet_loop(s: &Shared) {
                 // The kernel often answers a packet while it is being
                 // written (an echo reply, a TCP ACK, a local service's
                 // reply): it already waits in the TUN device. Sending it
-                // from here saves a thread wake-up on the round trip. Only
-                // when nobody else is reading the device, and only for small
-                // batches: under load the helper is awake anyway.
-                if let Ok(mut rx) = s.tun_rx.try_lock() {
-                    if rx.drain(s) >= HANDOVER_BATCH
-                        && s.tun_owner.load(Ordering::Acquire) == TUN_OWNER_PACKET
-                    {
-                        drop(rx);
-                        hand_over(s);
+                // from here saves a poll, or the helper's wake-up. Only when
+                // nobody else is reading the device, and only for small
+                // batches: under load the helper is awake anyway. Where the
+                // last look found nothing (this node asks, the other side
+                // answers), the next poll shows an answer just as well,
+                // without a read that finds nothing.
+                let owns = s.tun_owner.load(Ordering::Acquire) == TUN_OWNER_PACKET;
+                if answering || !owns {
+                    if let Ok(mut rx) = s.tun_rx.try_lock() {
+                        let n = rx.drain(s);
+                        answering = n > 0;
+                        if n >= HANDOVER_BATCH && owns {
+                            drop(rx);
+                            hand_over(s);
+                        }
                     }
+                } else {
+                    looked_away = true;
                 }
             }
             if received == 1 && datagrams == 1 {
