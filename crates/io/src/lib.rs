@@ -64,6 +64,9 @@ const HANDBACK_SMALL_DRAINS: u32 = 64;
 /// Who reads the TUN device when it becomes readable.
 const TUN_OWNER_PACKET: u8 = 0;
 const TUN_OWNER_HELPER: u8 = 1;
+/// The TUN device readable this soon after a write that was not looked
+/// at for an answer: it was an answer.
+const ANSWER_WINDOW: Duration = Duration::from_micros(100);
 /// A TUN read this long after the last one that brought packets is sent
 /// at once, without looking for more first.
 const EAGER_GAP: Duration = Duration::from_micros(50);
@@ -672,7 +675,7 @@ fn packet_loop(s: &Shared) {
     let mut writer = TunWriter::new(s.offload);
     // Whether the kernel answered the last packets written (see below).
     let mut answering = true;
-    let mut looked_away = false;
+    let mut looked_away: Option<Instant> = None;
     let mut pfds =
         [s.udp.as_raw_fd(), s.handback.as_raw_fd(), s.tun.as_raw_fd()].map(|fd| libc::pollfd {
             fd,
@@ -691,11 +694,12 @@ fn packet_loop(s: &Shared) {
             clear(&s.handback);
         }
         let tun_ready = owns_tun && pfds[2].revents != 0;
-        if looked_away && tun_ready {
-            // An answer came after all: look for the next one at once.
+        if tun_ready && looked_away.is_some_and(|at| at.elapsed() < ANSWER_WINDOW) {
+            // An answer came after all (not a packet of its own, later):
+            // look for the next one at once.
             answering = true;
         }
-        looked_away = false;
+        looked_away = None;
         if tun_ready && drain_tun(s) >= HANDOVER_BATCH {
             hand_over(s);
         }
@@ -780,7 +784,7 @@ fn packet_loop(s: &Shared) {
                         }
                     }
                 } else {
-                    looked_away = true;
+                    looked_away = Some(Instant::now());
                 }
             }
             if received == 1 && datagrams == 1 {
