@@ -466,7 +466,7 @@ impl TunRx {
         let n = self.read(s, eager);
         if n > 0 {
             self.last_read = now;
-            self.seal_and_send(s, n);
+            self.seal_and_send(s, n, now);
         }
         n
     }
@@ -507,15 +507,14 @@ impl TunRx {
         n
     }
 
-    /// Encrypts the first `n` packet slots and sends them.
-    fn seal_and_send(&mut self, s: &Shared, n: usize) {
+    /// Encrypts the first `n` packet slots and sends them (`now`: when they were read).
+    fn seal_and_send(&mut self, s: &Shared, n: usize, now: Instant) {
         s.counters
             .tun_rx_packets
             .fetch_add(n as u64, Ordering::Relaxed);
         self.outs.clear();
         let mut cursor = 0;
         {
-            let now = Instant::now();
             let mut tunnel = lock(&s.tunnel);
             for (buf, &len) in self.packets.iter().zip(&self.lens).take(n) {
                 let packet = &buf[..len];
