@@ -11,8 +11,9 @@
 # the harness does it, on 100.64.1.0/24 beside Trellis. Each round pings one
 # tunnel, then the other, so both see the same machine; the ratio of the
 # medians is the figure to compare. With `perf` installed, one more round of
-# each runs under `perf sched record` and bench/latency-phases.py splits the
-# round trips into scheduling delays and run times per stage.
+# each runs with its syscalls traced and bench/latency-stages.py shows, per
+# side, the syscalls per ping, the time in user space between them (lookup,
+# encryption, ...) and the time inside them.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PEERS_DIR=${PEERS_DIR:-$REPO/../shared/peers}
@@ -97,13 +98,19 @@ if "boringtun" in med:
 PY
 
 if command -v perf >/dev/null; then
-    echo "== where the time goes ($COUNT pings each under perf sched record)"
-    phases() {
-        perf sched record -o "$WORK/sched.data" -- ip netns exec pb-a ping -q -n -c "$COUNT" -i "$INTERVAL" "$1" >/dev/null 2>&1
-        perf sched timehist -i "$WORK/sched.data" -w 2>/dev/null > "$WORK/timehist.txt"
-        python3 "$REPO/bench/latency-phases.py" "$WORK/timehist.txt" "$2" "$3"
+    echo "== where the time goes ($COUNT pings each, syscalls traced; bench/latency-stages.py)"
+    stages() {
+        perf record -q -e raw_syscalls:sys_enter,raw_syscalls:sys_exit,sched:sched_switch \
+            -p "$2,$3" -o "$WORK/stages.data" -- \
+            ip netns exec pb-a ping -q -n -c "$COUNT" -i "$INTERVAL" "$1" >/dev/null 2>&1
+        perf script -F comm,pid,tid,time,event,trace -i "$WORK/stages.data" 2>/dev/null > "$WORK/stages.txt"
+        python3 "$REPO/bench/latency-stages.py" "$WORK/stages.txt" "$COUNT" "$2" "$3"
     }
-    echo "trellis:   $(phases "$T_IP" "$T_A" "$T_B")"
-    [[ -n $BT_IP ]] && echo "boringtun: $(phases "$BT_IP" "${BT_PIDS[0]}" "${BT_PIDS[1]}")"
-    echo "(d = wait to run after a wake-up, r = run until the next process is woken; see bench/latency-phases.py)"
+    echo "trellis:"
+    stages "$T_IP" "$T_A" "$T_B"
+    if [[ -n $BT_IP ]]; then
+        echo "boringtun:"
+        stages "$BT_IP" "${BT_PIDS[0]}" "${BT_PIDS[1]}"
+    fi
+    echo "(user: between one syscall's return and the next call, median × per ping; in work syscalls: reads, writes, sends, receives, without poll/epoll waits)"
 fi

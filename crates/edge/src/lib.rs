@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use std::sync::atomic::{AtomicBool, Ordering};
-use trellis_io::batch::{BatchSocket, Out, RecvBufs};
+use trellis_io::batch::{BatchSocket, Out, RecvBufs, RECV_BATCH};
 
 pub use relay::{DropReason, Outcome, RelayHub, RelayStats, Revoked};
 
@@ -128,7 +128,7 @@ fn run(socket: BatchSocket, hub: Arc<RelayHub>, stop: &AtomicBool) {
             continue;
         }
         loop {
-            match socket.recv(&mut bufs) {
+            match socket.recv(&mut bufs, RECV_BATCH) {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) => {

@@ -67,17 +67,24 @@ impl BatchSocket {
         wait_fd(self.socket.as_raw_fd(), libc::POLLIN, timeout_ms)
     }
 
-    /// Reads one batch into `bufs`; `Ok(0)` when nothing is waiting.
-    pub fn recv(&self, bufs: &mut RecvBufs) -> io::Result<usize> {
+    /// Reads one batch of at most `max` messages (1 to
+    /// [`quinn_udp::BATCH_SIZE`]) into `bufs`; `Ok(0)` when nothing is
+    /// waiting. A message is one datagram, or several coalesced by GRO.
+    ///
+    /// At a low rate one message is all there is: asking for one saves
+    /// preparing (and the kernel looking at) a whole batch of headers.
+    pub fn recv(&self, bufs: &mut RecvBufs, max: usize) -> io::Result<usize> {
+        let max = max.clamp(1, quinn_udp::BATCH_SIZE);
         let mut slices: [io::IoSliceMut<'_>; quinn_udp::BATCH_SIZE] = {
             let mut chunks = bufs.data.chunks_mut(RECV_BUF);
             std::array::from_fn(|_| io::IoSliceMut::new(chunks.next().unwrap_or(&mut [])))
         };
         loop {
-            match self
-                .state
-                .recv(UdpSockRef::from(&self.socket), &mut slices, &mut bufs.meta)
-            {
+            match self.state.recv(
+                UdpSockRef::from(&self.socket),
+                &mut slices[..max],
+                &mut bufs.meta,
+            ) {
                 Ok(n) => {
                     bufs.filled = n;
                     return Ok(n);
@@ -151,6 +158,9 @@ impl BatchSocket {
     }
 }
 
+/// Most messages one receive takes.
+pub const RECV_BATCH: usize = quinn_udp::BATCH_SIZE;
+
 /// Receive buffers for one batch, allocated once.
 pub struct RecvBufs {
     data: Vec<u8>,
@@ -213,7 +223,7 @@ mod tests {
                 break;
             }
             b.wait_readable(100);
-            b.recv(&mut bufs).unwrap();
+            b.recv(&mut bufs, RECV_BATCH).unwrap();
             got.extend(bufs.datagrams().map(|(_, d)| d.to_vec()));
         }
         assert_eq!(got.len(), 11);
@@ -221,5 +231,43 @@ mod tests {
             assert!(d.iter().all(|x| *x == k as u8), "datagram {k} intact");
         }
         assert_eq!(got[10].len(), 300);
+    }
+
+    #[test]
+    fn a_receive_of_one_takes_one_and_leaves_the_rest_in_order() {
+        let a = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let b = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let to = b.local_addr().unwrap();
+        // Three separate sends of different sizes: three messages.
+        let buf: Vec<u8> = (0..600).map(|i| (i / 100) as u8).collect();
+        for (offset, len) in [(0, 100), (100, 200), (300, 300)] {
+            let outs = [Out {
+                to: Some(to),
+                offset,
+                len,
+            }];
+            assert_eq!(a.send_batch(&buf, &outs), 0);
+        }
+        let mut bufs = RecvBufs::default();
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        for _ in 0..50 {
+            if got.len() == 3 {
+                break;
+            }
+            b.wait_readable(100);
+            let n = b.recv(&mut bufs, 1).unwrap();
+            assert!(n <= 1, "asked for one message, got {n}");
+            got.extend(bufs.datagrams().map(|(_, d)| d.to_vec()));
+        }
+        assert_eq!(
+            got,
+            vec![
+                buf[..100].to_vec(),
+                buf[100..300].to_vec(),
+                buf[300..].to_vec()
+            ]
+        );
+        // Nothing is left over.
+        assert_eq!(b.recv(&mut bufs, RECV_BATCH).unwrap(), 0);
     }
 }

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 pub mod batch;
 
 use anyhow::Context;
-pub use batch::{wait_fd, BatchSocket, Out, RecvBufs};
+pub use batch::{wait_fd, BatchSocket, Out, RecvBufs, RECV_BATCH};
 use trellis_tunnel::{Action, PingError, PingResult, Tunnel, Via, MIN_BUFFER};
 use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
@@ -675,6 +675,8 @@ fn packet_loop(s: &Shared) {
     // Whether the kernel answered the last packets written (see below).
     let mut answering = true;
     let mut looked_away: Option<Instant> = None;
+    // When the last receive was made (see the receive width below).
+    let mut last_rx = Instant::now();
     let mut pfds =
         [s.udp.as_raw_fd(), s.handback.as_raw_fd(), s.tun.as_raw_fd()].map(|fd| libc::pollfd {
             fd,
@@ -706,7 +708,16 @@ fn packet_loop(s: &Shared) {
             continue;
         }
         loop {
-            let received = match s.udp.recv(&mut bufs) {
+            let now = Instant::now();
+            // At a low rate (nothing received for a while) one message is
+            // what there is; under load, a whole batch.
+            let width = if now.duration_since(last_rx) > EAGER_GAP {
+                1
+            } else {
+                RECV_BATCH
+            };
+            last_rx = now;
+            let received = match s.udp.recv(&mut bufs, width) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => {
@@ -719,14 +730,12 @@ fn packet_loop(s: &Shared) {
             ctrl_outs.clear();
             let mut pcur = 0;
             let mut ccur = 0;
-            let mut datagrams = 0;
+            let mut datagrams = 0u64;
             {
-                let now = Instant::now();
                 let mut tunnel = lock(&s.tunnel);
                 for (from, datagram) in bufs.datagrams() {
                     datagrams += 1;
                     {
-                        s.counters.udp_rx_datagrams.fetch_add(1, Ordering::Relaxed);
                         match tunnel.handle_datagram(now, from, datagram, &mut plain[pcur..]) {
                             Action::Deliver { offset, len } => {
                                 delivered.push((pcur + offset, len));
@@ -751,6 +760,9 @@ fn packet_loop(s: &Shared) {
                     }
                 }
             }
+            s.counters
+                .udp_rx_datagrams
+                .fetch_add(datagrams, Ordering::Relaxed);
             if let [(off, len)] = delivered[..] {
                 // A lone packet goes straight to the device: nothing to
                 // coalesce, and no copy into the coalescing buffers.

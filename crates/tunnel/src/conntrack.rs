@@ -46,7 +46,9 @@
 //! allocation, no copy. The filter runs only for packets that open flows.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{Hash, Hasher};
+
+use crate::fasthash::FoldBuild;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -180,50 +182,6 @@ pub(crate) enum Side {
     Egress,
     /// Decrypted, about to be written to the TUN.
     Ingress,
-}
-
-/// A seeded multiply-fold hasher: a few cycles per key, good spread in every bit.
-#[derive(Clone, Copy)]
-pub(crate) struct FoldHasher(u64);
-
-const MUL: u64 = 0x9E37_79B9_7F4A_7C15;
-
-#[inline]
-fn fold_mul(a: u64, b: u64) -> u64 {
-    let full = (a as u128).wrapping_mul(b as u128);
-    (full as u64) ^ ((full >> 64) as u64)
-}
-
-impl Hasher for FoldHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut w = [0u8; 8];
-            w[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(w));
-        }
-    }
-
-    #[inline]
-    fn write_u64(&mut self, x: u64) {
-        self.0 = fold_mul(self.0 ^ x, MUL);
-    }
-
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-#[derive(Clone, Copy)]
-pub(crate) struct FoldBuild(u64);
-
-impl BuildHasher for FoldBuild {
-    type Hasher = FoldHasher;
-    #[inline]
-    fn build_hasher(&self) -> FoldHasher {
-        FoldHasher(self.0)
-    }
 }
 
 /// A connection's 5-tuple, the same whichever direction a packet goes: the
@@ -563,7 +521,7 @@ pub(crate) struct ConnTrack {
 
 impl ConnTrack {
     pub(crate) fn new(seed: u64) -> ConnTrack {
-        let build = FoldBuild(seed.rotate_left(17) ^ 0x6A09_E667_F3BC_C908);
+        let build = FoldBuild::new(seed.rotate_left(17) ^ 0x6A09_E667_F3BC_C908);
         ConnTrack {
             filter: Arc::new(Filter::allow_all()),
             rule_names: Vec::new(),

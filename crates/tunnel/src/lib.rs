@@ -27,6 +27,7 @@
 
 pub mod conntrack;
 pub mod disco;
+mod fasthash;
 pub mod routes;
 pub mod session;
 
@@ -51,6 +52,7 @@ pub use conntrack::{
     UDP_IDLE,
 };
 use disco::{Kind, PairKey};
+use fasthash::FoldBuild;
 use routes::RouteTable;
 use session::{Session, SessionError, SessionOutput, SessionStats};
 
@@ -346,8 +348,8 @@ struct Relay {
 pub struct Tunnel {
     private: StaticSecret,
     public: PublicKey,
-    peers: HashMap<PeerId, Peer>,
-    by_key: HashMap<[u8; 32], PeerId>,
+    peers: HashMap<PeerId, Peer, FoldBuild>,
+    by_key: HashMap<[u8; 32], PeerId, FoldBuild>,
     routes: RouteTable<PeerId>,
     next_index: PeerId,
     rate_limiter: Arc<RateLimiter>,
@@ -358,7 +360,7 @@ pub struct Tunnel {
     tcp_relay_up: bool,
     reflexive: Option<SocketAddr>,
     txid_state: u64,
-    pings: HashMap<u64, ([u8; 32], Instant, Option<PingResult>)>,
+    pings: HashMap<u64, ([u8; 32], Instant, Option<PingResult>), FoldBuild>,
     /// Packet filter and flow accounting.
     conntrack: ConnTrack,
 }
@@ -417,8 +419,8 @@ impl Tunnel {
         Tunnel {
             private,
             public,
-            peers: HashMap::new(),
-            by_key: HashMap::new(),
+            peers: HashMap::default(),
+            by_key: HashMap::default(),
             routes: RouteTable::default(),
             next_index: 1,
             rate_limiter,
@@ -428,7 +430,7 @@ impl Tunnel {
             tcp_relay_up: false,
             reflexive: None,
             txid_state: seed | 1,
-            pings: HashMap::new(),
+            pings: HashMap::default(),
             conntrack: ConnTrack::new(seed),
         }
     }

@@ -8,9 +8,11 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+use crate::fasthash::FoldBuild;
+
 #[derive(Debug, Clone)]
 pub struct RouteTable<T: Copy + Eq> {
-    hosts: HashMap<Ipv4Addr, T>,
+    hosts: HashMap<Ipv4Addr, T, FoldBuild>,
     /// Sorted by prefix length, longest first.
     prefixes: Vec<(Ipv4Net, T)>,
 }
@@ -18,7 +20,7 @@ pub struct RouteTable<T: Copy + Eq> {
 impl<T: Copy + Eq> Default for RouteTable<T> {
     fn default() -> Self {
         RouteTable {
-            hosts: HashMap::new(),
+            hosts: HashMap::default(),
             prefixes: Vec::new(),
         }
     }

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::testpkt::*;
+use std::hash::BuildHasher;
 use trellis_policy::{FilterRule, FilterSpec, PortRange};
 
 const A: &str = "100.64.0.2";
@@ -501,7 +502,7 @@ fn ports_reused_after_a_close_open_a_new_flow() {
 
 #[test]
 fn hasher_spreads_keys_that_differ_in_one_port() {
-    let b = FoldBuild(1);
+    let b = FoldBuild::new(1);
     let mut buckets = std::collections::HashSet::new();
     for port in 0..1024u16 {
         let k = Key::new(PROTO_TCP, 0x6440_0002, 40000 + port, 0x6440_0003, 443);
