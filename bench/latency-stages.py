@@ -17,7 +17,8 @@ For each side it prints, per ping:
   step is "after X, before Y": after a TUN read and before the send is the
   lookup and encryption of the packet read). A step during which the thread
   was switched out (preempted, or it yielded) is waiting, not work: it is
-  counted apart, as "preempted";
+  counted apart, as "preempted". A step of 1 ms or more without a switch
+  (the thread ran, but not on this round trip's work) is left out;
 - the time inside syscalls that do work (reads, writes, sends, receives; the
   send includes the kernel's delivery to the other namespace, the TUN write
   the kernel's answer), as median times count; calls that found nothing
