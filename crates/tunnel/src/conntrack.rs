@@ -502,6 +502,10 @@ pub(crate) struct ConnTrack {
     /// Rule names of the current filter, made once per rule (not per flow).
     rule_names: Vec<Option<Arc<str>>>,
     map: HashMap<Key, u32, FoldBuild>,
+    /// The slot of the connection the last packet belonged to: consecutive
+    /// packets mostly do, and then the map is not asked (checked against
+    /// the slot's key, so a stale hint only costs the map lookup).
+    last: u32,
     /// Entries by index; `None` slots are listed in `free`.
     slots: Vec<Option<Entry>>,
     free: Vec<u32>,
@@ -526,6 +530,7 @@ impl ConnTrack {
             filter: Arc::new(Filter::allow_all()),
             rule_names: Vec::new(),
             map: HashMap::with_capacity_and_hasher(INITIAL_CAPACITY, build),
+            last: u32::MAX,
             slots: Vec::with_capacity(INITIAL_CAPACITY),
             free: Vec::with_capacity(INITIAL_CAPACITY),
             pairs: HashMap::with_capacity_and_hasher(INITIAL_CAPACITY, build),
@@ -860,7 +865,18 @@ impl ConnTrack {
         }
         let key = Key::new(p.proto, p.src, p.sport, p.dst, p.dport);
         let bytes = packet.len() as u64;
-        if let Some(&idx) = self.map.get(&key) {
+        let hinted = self
+            .slots
+            .get(self.last as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|e| e.key == key);
+        let found = if hinted {
+            Some(self.last)
+        } else {
+            self.map.get(&key).copied()
+        };
+        if let Some(idx) = found {
+            self.last = idx;
             let e = self.slots[idx as usize]
                 .as_mut()
                 .expect("the map points at live slots");
@@ -1054,6 +1070,7 @@ impl ConnTrack {
             }
         };
         self.map.insert(key, idx);
+        self.last = idx;
         *self
             .pairs
             .entry(HostPair::new(proto, init.0, resp.0))

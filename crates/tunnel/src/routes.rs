@@ -1,8 +1,13 @@
 //! Allowed-IPs routing ("cryptokey routing"): which peer an overlay address
 //! belongs to. Host routes (/32, the common case: one per node) are a hash
 //! lookup; shorter prefixes (subnets behind mesh nodes, a later feature) are a
-//! longest-prefix match over a short list.
+//! longest-prefix match over a short list. The last answer is remembered:
+//! a node mostly talks to the peer it talked to last, and both the send
+//! path (where to) and the receive path (is the source allowed) ask for the
+//! same address, so a round trip asks the map once instead of twice from a
+//! cold cache.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
@@ -15,6 +20,8 @@ pub struct RouteTable<T: Copy + Eq> {
     hosts: HashMap<Ipv4Addr, T, FoldBuild>,
     /// Sorted by prefix length, longest first.
     prefixes: Vec<(Ipv4Net, T)>,
+    /// The last lookup and its answer; forgotten on every change.
+    memo: Cell<Option<(Ipv4Addr, Option<T>)>>,
 }
 
 impl<T: Copy + Eq> Default for RouteTable<T> {
@@ -22,6 +29,7 @@ impl<T: Copy + Eq> Default for RouteTable<T> {
         RouteTable {
             hosts: HashMap::default(),
             prefixes: Vec::new(),
+            memo: Cell::new(None),
         }
     }
 }
@@ -29,6 +37,7 @@ impl<T: Copy + Eq> Default for RouteTable<T> {
 impl<T: Copy + Eq> RouteTable<T> {
     /// Routes `net` to `to`, replacing whoever had exactly that prefix before.
     pub fn insert(&mut self, net: Ipv4Net, to: T) {
+        self.memo.set(None);
         let net = net.trunc();
         if net.prefix_len() == 32 {
             self.hosts.insert(net.addr(), to);
@@ -42,11 +51,23 @@ impl<T: Copy + Eq> RouteTable<T> {
 
     /// Removes every route that points at `to`.
     pub fn remove_target(&mut self, to: T) {
+        self.memo.set(None);
         self.hosts.retain(|_, t| *t != to);
         self.prefixes.retain(|(_, t)| *t != to);
     }
 
     pub fn lookup(&self, ip: Ipv4Addr) -> Option<T> {
+        if let Some((at, answer)) = self.memo.get() {
+            if at == ip {
+                return answer;
+            }
+        }
+        let answer = self.lookup_uncached(ip);
+        self.memo.set(Some((ip, answer)));
+        answer
+    }
+
+    fn lookup_uncached(&self, ip: Ipv4Addr) -> Option<T> {
         if let Some(t) = self.hosts.get(&ip) {
             return Some(*t);
         }
@@ -84,6 +105,34 @@ mod tests {
         t.remove_target(1);
         t.remove_target(3);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_remembered_answer_follows_every_change() {
+        let ip: Ipv4Addr = "100.64.1.7".parse().unwrap();
+        let mut t = RouteTable::default();
+        assert_eq!(t.lookup(ip), None);
+        t.insert(net("100.64.1.0/24"), 2u32);
+        assert_eq!(
+            t.lookup(ip),
+            Some(2),
+            "a new route replaces a remembered miss"
+        );
+        t.insert(net("100.64.1.7/32"), 3);
+        assert_eq!(t.lookup(ip), Some(3), "a more specific route wins at once");
+        assert_eq!(t.lookup(ip), Some(3));
+        t.insert(net("100.64.1.7/32"), 4);
+        assert_eq!(
+            t.lookup(ip),
+            Some(4),
+            "the host route moved to another peer"
+        );
+        t.remove_target(4);
+        assert_eq!(t.lookup(ip), Some(2), "back to the subnet route");
+        assert_eq!(t.lookup("100.64.1.8".parse().unwrap()), Some(2));
+        t.remove_target(2);
+        assert_eq!(t.lookup(ip), None, "no route left");
+        assert_eq!(t.lookup("100.64.1.8".parse().unwrap()), None);
     }
 
     #[test]

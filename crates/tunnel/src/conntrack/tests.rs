@@ -511,3 +511,39 @@ fn hasher_spreads_keys_that_differ_in_one_port() {
     // A uniform hash fills about 63% of 1024 buckets with 1024 keys.
     assert!(buckets.len() > 550, "{}", buckets.len());
 }
+
+#[test]
+fn interleaved_flows_and_a_reused_slot_keep_their_counters_apart() {
+    let t0 = Instant::now();
+    let s = |n: u64| t0 + Duration::from_secs(n);
+    let mut c = ConnTrack::new(5);
+    // Two flows, packets alternating and in runs (the last flow is remembered).
+    out(&mut c, s(0), &udp(A, 6000, B, 53, 10)).unwrap();
+    out(&mut c, s(0), &udp(A, 6001, B, 53, 20)).unwrap();
+    out(&mut c, s(0), &udp(A, 6000, B, 53, 10)).unwrap();
+    inn(&mut c, s(0), &udp(B, 53, A, 6001, 30)).unwrap();
+    inn(&mut c, s(0), &udp(B, 53, A, 6001, 30)).unwrap();
+    out(&mut c, s(0), &udp(A, 6000, B, 53, 10)).unwrap();
+    // The first ends (reset); a new flow takes its slot, then the old key again.
+    out(&mut c, s(1), &tcp(A, 7000, B, 22, SYN, 0)).unwrap();
+    out(&mut c, s(1), &tcp(A, 7000, B, 22, RST, 0)).unwrap();
+    out(&mut c, s(1), &udp(A, 6002, B, 53, 40)).unwrap();
+    assert_eq!(
+        out(&mut c, s(1), &tcp(A, 7000, B, 22, ACK, 0)),
+        Err(DropReason::NoConnection),
+        "the reset connection's key must not match the flow in its slot"
+    );
+    out(&mut c, s(1), &udp(A, 6002, B, 53, 40)).unwrap();
+    c.close_all(s(2));
+    let mut recs = drain(&mut c);
+    recs.retain(|r| r.proto == PROTO_UDP);
+    recs.sort_by_key(|r| r.src_port);
+    let counts: Vec<_> = recs
+        .iter()
+        .map(|r| (r.src_port, r.packets_out, r.packets_in, r.bytes_out))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![(6000, 3, 0, 3 * 38), (6001, 1, 2, 48), (6002, 2, 0, 2 * 68)]
+    );
+}
