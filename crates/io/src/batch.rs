@@ -3,6 +3,7 @@
 //! non-blocking socket driven by `poll`. Buffers are allocated once.
 
 use std::io;
+use std::mem;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 
@@ -55,6 +56,14 @@ impl BatchSocket {
         let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
         let _ = state.set_recv_buffer_size(UdpSockRef::from(&socket), SOCKET_BUFFER);
         let _ = state.set_send_buffer_size(UdpSockRef::from(&socket), SOCKET_BUFFER);
+        // quinn-udp asks for each message's destination address and ECN
+        // bits; nothing here reads them, so the kernel need not build those
+        // control messages for every receive (GRO's segment size stays on).
+        if socket.local_addr()?.is_ipv4() {
+            for option in [libc::IP_PKTINFO, libc::IP_RECVTOS] {
+                let _ = set_option(&socket, libc::IPPROTO_IP, option, 0);
+            }
+        }
         Ok(BatchSocket { socket, state })
     }
 
@@ -75,6 +84,9 @@ impl BatchSocket {
     /// preparing (and the kernel looking at) a whole batch of headers.
     pub fn recv(&self, bufs: &mut RecvBufs, max: usize) -> io::Result<usize> {
         let max = max.clamp(1, quinn_udp::BATCH_SIZE);
+        if max == 1 {
+            return self.recv_one(bufs);
+        }
         let mut slices: [io::IoSliceMut<'_>; quinn_udp::BATCH_SIZE] = {
             let mut chunks = bufs.data.chunks_mut(RECV_BUF);
             std::array::from_fn(|_| io::IoSliceMut::new(chunks.next().unwrap_or(&mut [])))
@@ -97,6 +109,72 @@ impl BatchSocket {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// One message with a plain `recvmsg`: one header, a small control
+    /// buffer for GRO's segment size, nothing else to prepare or decode.
+    /// At a low rate every receive runs from a cold cache, and quinn-udp's
+    /// batch receive prepares and clears room for a whole batch.
+    fn recv_one(&self, bufs: &mut RecvBufs) -> io::Result<usize> {
+        bufs.filled = 0;
+        // SAFETY: plain-old-data C structs; all-zero is a valid value.
+        let mut name: libc::sockaddr_storage = unsafe { mem::zeroed() };
+        let mut ctrl = [0u64; 16];
+        let mut iov = libc::iovec {
+            iov_base: bufs.data.as_mut_ptr().cast(),
+            iov_len: RECV_BUF.min(bufs.data.len()),
+        };
+        // SAFETY: as above.
+        let mut hdr: libc::msghdr = unsafe { mem::zeroed() };
+        hdr.msg_name = (&mut name as *mut libc::sockaddr_storage).cast();
+        hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        hdr.msg_iov = &mut iov;
+        hdr.msg_iovlen = 1;
+        hdr.msg_control = ctrl.as_mut_ptr().cast();
+        hdr.msg_controllen = mem::size_of_val(&ctrl) as _;
+        let len = loop {
+            // SAFETY: every pointer in `hdr` points at a live local or at
+            // `bufs.data`, with its length, for the duration of the call.
+            let n = unsafe { libc::recvmsg(self.socket.as_raw_fd(), &mut hdr, 0) };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(0),
+                _ => return Err(e),
+            }
+        };
+        if hdr.msg_flags & libc::MSG_CTRUNC != 0 {
+            // The segment size may be missing: the message cannot be split.
+            return Err(io::Error::other("UDP control data truncated"));
+        }
+        let mut stride = len;
+        // SAFETY: `hdr` was filled by the kernel; the CMSG_* helpers walk
+        // its control buffer within `msg_controllen`.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&hdr);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                    let size = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
+                    if size > 0 {
+                        stride = size as usize;
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&hdr, c);
+            }
+        }
+        let Some(addr) = socket_addr(&name) else {
+            return Err(io::Error::other("UDP message without an IP source"));
+        };
+        let m = &mut bufs.meta[0];
+        *m = RecvMeta::default();
+        m.addr = addr;
+        m.len = len;
+        m.stride = stride;
+        bufs.filled = 1;
+        Ok(1)
     }
 
     /// Sends `outs` from `buf`, merging runs that share a destination, lie
@@ -142,7 +220,13 @@ impl BatchSocket {
 
     fn send_one(&self, t: &Transmit<'_>) -> bool {
         for _ in 0..50 {
-            match self.state.try_send(UdpSockRef::from(&self.socket), t) {
+            // A lone datagram goes out with a plain sendto: quinn-udp adds a
+            // TOS control message to every send, which the kernel parses.
+            let sent = match t.segment_size {
+                None => self.socket.send_to(t.contents, t.destination).map(drop),
+                Some(_) => self.state.try_send(UdpSockRef::from(&self.socket), t),
+            };
+            match sent {
                 Ok(()) => return true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     wait_fd(self.socket.as_raw_fd(), libc::POLLOUT, 10);
@@ -155,6 +239,50 @@ impl BatchSocket {
             }
         }
         false
+    }
+}
+
+/// The IP socket address the kernel wrote into `name`, if it is one.
+fn socket_addr(name: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match name.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a =
+                unsafe { &*(name as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddr::from((ip, u16::from_be(a.sin_port))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a =
+                unsafe { &*(name as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                ip,
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn set_option(socket: &UdpSocket, level: i32, name: i32, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -269,5 +397,48 @@ mod tests {
         );
         // Nothing is left over.
         assert_eq!(b.recv(&mut bufs, RECV_BATCH).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_receive_of_one_splits_a_coalesced_batch_and_names_its_sender() {
+        let a = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let b = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let to = b.local_addr().unwrap();
+        // 6 datagrams of 700 bytes and a short last one in one GSO send:
+        // GRO hands them over as one message that must be split again.
+        let mut buf = Vec::new();
+        let mut outs = Vec::new();
+        for k in 0..7u8 {
+            let len = if k == 6 { 123 } else { 700 };
+            outs.push(Out {
+                to: Some(to),
+                offset: buf.len(),
+                len,
+            });
+            buf.extend(std::iter::repeat_n(k, len));
+        }
+        assert_eq!(a.send_batch(&buf, &outs), 0);
+        let mut bufs = RecvBufs::default();
+        let mut got: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+        for _ in 0..50 {
+            if got.len() == 7 {
+                break;
+            }
+            b.wait_readable(100);
+            assert!(b.recv(&mut bufs, 1).unwrap() <= 1);
+            got.extend(bufs.datagrams().map(|(from, d)| (from, d.to_vec())));
+        }
+        assert_eq!(got.len(), 7, "seven datagrams, not one glued run");
+        for (k, (from, d)) in got.iter().enumerate() {
+            assert_eq!(
+                *from,
+                a.local_addr().unwrap(),
+                "the sender's address and port"
+            );
+            let len = if k == 6 { 123 } else { 700 };
+            assert_eq!(d.len(), len, "datagram {k}'s length");
+            assert!(d.iter().all(|x| *x == k as u8), "datagram {k} intact");
+        }
+        assert_eq!(b.recv(&mut bufs, 1).unwrap(), 0, "nothing left over");
     }
 }
