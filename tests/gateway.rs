@@ -743,13 +743,20 @@ fn policy_decides_binding_requests_and_errors_say_what_is_wrong() {
         }
     });
     sl.lab.check(r, "an offline node is a clear 502");
-    let logs = sl.requests(&key);
-    assert!(
-        logs.iter().any(|r| r["decision"] == "deny"
-            && r["rule"].is_null()
-            && r["target"] == "other.default.mesh:8000"),
-        "the denied request is logged: {logs:#?}"
-    );
+    // Records are stored in batches (within INGEST_INTERVAL of the first).
+    let r = eventually(Instant::now() + Duration::from_secs(5), || {
+        let logs = sl.requests(&key);
+        if logs.iter().any(|r| {
+            r["decision"] == "deny"
+                && r["rule"].is_null()
+                && r["target"] == "other.default.mesh:8000"
+        }) {
+            Ok(())
+        } else {
+            Err(format!("the denied request is not logged: {logs:#?}"))
+        }
+    });
+    sl.lab.check(r, "the denied request is logged");
 }
 
 #[test]
