@@ -326,16 +326,13 @@ impl RecvBufs {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_batch_goes_out_and_comes_back_intact() {
-        let a = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
-        let b = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
-        let to = b.local_addr().unwrap();
-        // 10 datagrams of 1000 bytes and a short last one, end to end: one GSO send.
+    /// `n` datagrams to `to` lying end to end, datagram `k` filled with
+    /// byte `k`: `size` bytes each but the last, which has `last`.
+    fn run_of(to: SocketAddr, n: u8, size: usize, last: usize) -> (Vec<u8>, Vec<Out>) {
         let mut buf = Vec::new();
         let mut outs = Vec::new();
-        for k in 0..11u8 {
-            let len = if k == 10 { 300 } else { 1000 };
+        for k in 0..n {
+            let len = if k == n - 1 { last } else { size };
             outs.push(Out {
                 to: Some(to),
                 offset: buf.len(),
@@ -343,6 +340,16 @@ mod tests {
             });
             buf.extend(std::iter::repeat_n(k, len));
         }
+        (buf, outs)
+    }
+
+    #[test]
+    fn a_batch_goes_out_and_comes_back_intact() {
+        let a = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let b = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let to = b.local_addr().unwrap();
+        // 10 datagrams of 1000 bytes and a short last one, end to end: one GSO send.
+        let (buf, outs) = run_of(to, 11, 1000, 300);
         assert_eq!(a.send_batch(&buf, &outs), 0);
         let mut bufs = RecvBufs::default();
         let mut got: Vec<Vec<u8>> = Vec::new();
@@ -406,17 +413,7 @@ mod tests {
         let to = b.local_addr().unwrap();
         // 6 datagrams of 700 bytes and a short last one in one GSO send:
         // GRO hands them over as one message that must be split again.
-        let mut buf = Vec::new();
-        let mut outs = Vec::new();
-        for k in 0..7u8 {
-            let len = if k == 6 { 123 } else { 700 };
-            outs.push(Out {
-                to: Some(to),
-                offset: buf.len(),
-                len,
-            });
-            buf.extend(std::iter::repeat_n(k, len));
-        }
+        let (buf, outs) = run_of(to, 7, 700, 123);
         assert_eq!(a.send_batch(&buf, &outs), 0);
         let mut bufs = RecvBufs::default();
         let mut got: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
