@@ -67,6 +67,29 @@ impl BatchSocket {
         Ok(BatchSocket { socket, state })
     }
 
+    /// A socket on the same local `port` as this node's (which must have
+    /// `SO_REUSEPORT` on, see [`share_port`]), connected to `to`: the
+    /// kernel hands it the datagrams from `to` and keeps the route to and
+    /// from `to` with it, where an unconnected socket costs a route lookup
+    /// per datagram on both the sending and the receiving side. IPv4 only.
+    pub fn connected(port: u16, to: SocketAddr) -> io::Result<BatchSocket> {
+        if !to.is_ipv4() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "connected sockets are IPv4 only",
+            ));
+        }
+        let sock = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        set_option(&sock, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+        sock.bind(&SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)).into())?;
+        sock.connect(&to.into())?;
+        BatchSocket::new(sock.into())
+    }
+
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
     }
@@ -219,27 +242,46 @@ impl BatchSocket {
     }
 
     fn send_one(&self, t: &Transmit<'_>) -> bool {
+        // A lone datagram goes out with a plain sendto: quinn-udp adds a
+        // TOS control message to every send, which the kernel parses.
+        self.retry(t.destination, || match t.segment_size {
+            None => self.socket.send_to(t.contents, t.destination).map(drop),
+            Some(_) => self.state.try_send(UdpSockRef::from(&self.socket), t),
+        })
+    }
+
+    /// Sends one datagram to where the socket is connected (see
+    /// [`BatchSocket::connected`]): no destination address, so the kernel
+    /// uses the route it keeps with the socket instead of looking one up.
+    pub fn send_connected(&self, to: SocketAddr, datagram: &[u8]) -> bool {
+        self.retry(to, || self.socket.send(datagram).map(drop))
+    }
+
+    /// Runs `send` until it is done, waiting while the socket buffer is full.
+    fn retry(&self, to: SocketAddr, mut send: impl FnMut() -> io::Result<()>) -> bool {
         for _ in 0..50 {
-            // A lone datagram goes out with a plain sendto: quinn-udp adds a
-            // TOS control message to every send, which the kernel parses.
-            let sent = match t.segment_size {
-                None => self.socket.send_to(t.contents, t.destination).map(drop),
-                Some(_) => self.state.try_send(UdpSockRef::from(&self.socket), t),
-            };
-            match sent {
+            match send() {
                 Ok(()) => return true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     wait_fd(self.socket.as_raw_fd(), libc::POLLOUT, 10);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::debug!(error = %e, to = %t.destination, "UDP send failed");
+                    tracing::debug!(error = %e, %to, "UDP send failed");
                     return false;
                 }
             }
         }
         false
     }
+}
+
+/// Lets sockets made by [`BatchSocket::connected`] share `socket`'s port.
+/// Set after `socket` was bound, so that its bind still failed if another
+/// socket held the port; from now on, only sockets of the same user that ask
+/// for it can join.
+pub fn share_port(socket: &UdpSocket) -> io::Result<()> {
+    set_option(socket, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)
 }
 
 /// The IP socket address the kernel wrote into `name`, if it is one.
@@ -268,7 +310,12 @@ fn socket_addr(name: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-fn set_option(socket: &UdpSocket, level: i32, name: i32, value: libc::c_int) -> io::Result<()> {
+pub(crate) fn set_option(
+    socket: &impl AsRawFd,
+    level: i32,
+    name: i32,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: passes a pointer to a live c_int and its size.
     let rc = unsafe {
         libc::setsockopt(
@@ -366,6 +413,68 @@ mod tests {
             assert!(d.iter().all(|x| *x == k as u8), "datagram {k} intact");
         }
         assert_eq!(got[10].len(), 300);
+    }
+
+    /// The next datagram `sock` receives, with its sender.
+    fn next_datagram(sock: &BatchSocket) -> Option<(SocketAddr, Vec<u8>)> {
+        let mut bufs = RecvBufs::default();
+        for _ in 0..20 {
+            sock.wait_readable(50);
+            if sock.recv(&mut bufs, 1).unwrap() > 0 {
+                return bufs.datagrams().next().map(|(f, d)| (f, d.to_vec()));
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_connected_socket_takes_its_peers_datagrams_and_sends_from_the_shared_port() {
+        let node = UdpSocket::bind("0.0.0.0:0").unwrap();
+        share_port(&node).unwrap();
+        let node = BatchSocket::new(node).unwrap();
+        let port = node.local_addr().unwrap().port();
+        let at_node = SocketAddr::from(([127, 0, 0, 1], port));
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let other = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let peer_addr = peer.local_addr().unwrap();
+        let conn = BatchSocket::connected(port, peer_addr).unwrap();
+
+        peer.send_to(b"from the peer", at_node).unwrap();
+        other.send_to(b"from another", at_node).unwrap();
+        assert_eq!(
+            next_datagram(&conn),
+            Some((peer_addr, b"from the peer".to_vec()))
+        );
+        assert_eq!(
+            next_datagram(&node),
+            Some((other.local_addr().unwrap(), b"from another".to_vec()))
+        );
+
+        // Sent on the connected socket, it comes from the node's port.
+        assert!(conn.send_connected(peer_addr, b"answer"));
+        let mut buf = [0u8; 64];
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let (n, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"answer"[..], at_node));
+
+        // Closed, the node's socket gets the peer's datagrams again.
+        drop(conn);
+        peer.send_to(b"after", at_node).unwrap();
+        assert_eq!(next_datagram(&node), Some((peer_addr, b"after".to_vec())));
+    }
+
+    #[test]
+    fn a_port_not_shared_takes_no_connected_socket() {
+        let node = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let port = node.local_addr().unwrap().port();
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let err = BatchSocket::connected(port, peer.local_addr().unwrap()).err();
+        assert_eq!(
+            err.map(|e| e.kind()),
+            Some(io::ErrorKind::AddrInUse),
+            "the port stays the node's alone"
+        );
     }
 
     #[test]

@@ -22,6 +22,13 @@
 //! a flow leave in order across hand-overs. At a low rate each read is sent
 //! at once and the device is looked at again afterwards.
 //!
+//! The peers in use (at most 16, the most recently heard)
+//! each get a UDP socket connected to their direct endpoint on the node's
+//! port (`SO_REUSEPORT`, as WireGuard's userspace implementations do): the
+//! kernel hands a peer's datagrams to its socket without an input route
+//! lookup, and a datagram sent on it without an address uses the route kept
+//! with the socket. The packet thread polls them all alike.
+//!
 //! On Linux the TUN device is opened with offloads when the kernel allows it
 //! (`IFF_VNET_HDR` with TSO4/TSO6, and USO where supported): one read brings
 //! a TCP or UDP "super-packet" of up to 64 KiB that is split here into
@@ -33,7 +40,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
@@ -77,6 +84,9 @@ pub const OFFLOAD_ENV: &str = "TRELLIS_TUN_OFFLOAD";
 /// How often the threads look at the stop flag when idle.
 const IDLE_POLL_MS: i32 = 200;
 const TIMER_TICK: Duration = Duration::from_millis(100);
+/// At most this many peers in use get a socket connected to them (see
+/// [`reconcile_connected`]); the packet thread polls each.
+const MAX_CONNECTED: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct DataPlaneConfig {
@@ -111,6 +121,13 @@ struct Shared {
     relay_tcp: Mutex<Option<RelayTcpSink>>,
     tun: SyncDevice,
     udp: BatchSocket,
+    /// Whether `udp`'s port can be shared with connected sockets.
+    port_shared: bool,
+    /// Sockets connected to the direct endpoints of the peers in use, on
+    /// `udp`'s port (see [`reconcile_connected`]).
+    conns: RwLock<Vec<Arc<Conn>>>,
+    /// Bumped on every change of `conns`.
+    conns_gen: AtomicU64,
     /// [`TUN_OWNER_PACKET`] or [`TUN_OWNER_HELPER`]; changed only by the owner.
     tun_owner: AtomicU8,
     /// Wakes the packet thread when the helper hands the TUN device back.
@@ -121,6 +138,12 @@ struct Shared {
     counters: Counters,
     /// The TUN device carries a virtio-net header on every read and write.
     offload: bool,
+}
+
+/// A socket connected to one peer's direct endpoint.
+struct Conn {
+    to: SocketAddr,
+    sock: BatchSocket,
 }
 
 /// A running data plane. Dropping it (or [`DataPlane::stop`]) stops the
@@ -173,8 +196,15 @@ impl DataPlane {
         tun.set_nonblocking(true)
             .context("setting the TUN device non-blocking")?;
 
-        let udp = BatchSocket::new(bind_udp(config.listen_port)?)
-            .context("configuring the UDP socket")?;
+        let udp = bind_udp(config.listen_port)?;
+        let port_shared = match batch::share_port(&udp) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::info!(error = %e, "cannot share the UDP port; no connected sockets");
+                false
+            }
+        };
+        let udp = BatchSocket::new(udp).context("configuring the UDP socket")?;
         let listen_port = udp.local_addr()?.port();
         // SAFETY: eventfd takes no pointers; a valid result is a new fd we own.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -190,6 +220,9 @@ impl DataPlane {
             relay_tcp: Mutex::new(None),
             tun,
             udp,
+            port_shared,
+            conns: RwLock::new(Vec::new()),
+            conns_gen: AtomicU64::new(0),
             tun_owner: AtomicU8::new(TUN_OWNER_PACKET),
             handback,
             helper: OnceLock::new(),
@@ -387,6 +420,21 @@ fn bind_udp(port: u16) -> anyhow::Result<UdpSocket> {
 /// Sends `outs` from `buf`: UDP datagrams batched (GSO), frames for the TCP
 /// relay (no destination) to its sink.
 fn send_all(s: &Shared, buf: &[u8], outs: &[Out]) {
+    if let [Out {
+        to: Some(to),
+        offset,
+        len,
+    }] = *outs
+    {
+        // A lone datagram (the low-rate case) to a peer in use goes out on
+        // the socket connected to it.
+        if let Some(c) = read_conns(s).iter().find(|c| c.to == to) {
+            if !c.sock.send_connected(to, &buf[offset..offset + len]) {
+                s.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+    }
     if outs.iter().any(|o| o.to.is_none()) {
         if let Some(sink) = s
             .relay_tcp
@@ -663,31 +711,37 @@ impl TunWriter {
 }
 
 /// UDP → decrypt → TUN, and TUN → encrypt → UDP while the TUN device is
-/// not handed to the helper.
+/// not handed to the helper. Reads the node's socket and the sockets
+/// connected to peers in use (see [`reconcile_connected`]) alike.
 fn packet_loop(s: &Shared) {
-    let mut bufs = RecvBufs::default();
-    // Plaintext is never longer than its ciphertext.
-    let mut plain = vec![0u8; quinn_udp::BATCH_SIZE * 65_536 + MIN_BUFFER];
-    let mut delivered: Vec<(usize, usize)> = Vec::with_capacity(4096);
-    let mut ctrl = vec![0u8; 64 * 2048];
-    let mut ctrl_outs: Vec<Out> = Vec::with_capacity(64);
-    let mut writer = TunWriter::new(s.offload);
-    // Whether the kernel answered the last packets written (see below).
-    let mut answering = true;
-    let mut looked_away: Option<Instant> = None;
-    // When the last receive was made (see the receive width below).
-    let mut last_rx = Instant::now();
-    let mut pfds =
-        [s.udp.as_raw_fd(), s.handback.as_raw_fd(), s.tun.as_raw_fd()].map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        });
+    let mut rx = Receiver::new(s.offload);
+    // The connected sockets polled, as of generation `conns_gen`.
+    let mut conns: Vec<Arc<Conn>> = Vec::new();
+    let mut conns_gen = u64::MAX;
+    let mut pfds: Vec<libc::pollfd> = Vec::new();
     while !s.stop.load(Ordering::Relaxed) {
+        let gen = s.conns_gen.load(Ordering::Acquire);
+        if gen != conns_gen {
+            conns_gen = gen;
+            conns = read_conns(s).clone();
+            // The node's socket, the hand-back eventfd, the TUN device (its
+            // fd is negative, so ignored, while the helper owns it), then
+            // the connected sockets.
+            pfds = [s.udp.as_raw_fd(), s.handback.as_raw_fd(), s.tun.as_raw_fd()]
+                .into_iter()
+                .chain(conns.iter().map(|c| c.sock.as_raw_fd()))
+                .map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+        }
         let owns_tun = s.tun_owner.load(Ordering::Acquire) == TUN_OWNER_PACKET;
-        let nfds = if owns_tun { 3 } else { 2 };
-        // SAFETY: `nfds` valid pollfds for the duration of the call.
-        let ready = unsafe { libc::poll(pfds.as_mut_ptr(), nfds, IDLE_POLL_MS) };
+        pfds[2].fd = if owns_tun { s.tun.as_raw_fd() } else { -1 };
+        // SAFETY: `pfds.len()` valid pollfds for the duration of the call.
+        let ready =
+            unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, IDLE_POLL_MS) };
         if ready <= 0 {
             continue;
         }
@@ -695,29 +749,85 @@ fn packet_loop(s: &Shared) {
             clear(&s.handback);
         }
         let tun_ready = owns_tun && pfds[2].revents != 0;
-        if tun_ready && looked_away.is_some_and(|at| at.elapsed() < ANSWER_WINDOW) {
+        if tun_ready
+            && rx
+                .looked_away
+                .is_some_and(|at| at.elapsed() < ANSWER_WINDOW)
+        {
             // An answer came after all (not a packet of its own, later):
             // look for the next one at once.
-            answering = true;
+            rx.answering = true;
         }
-        looked_away = None;
+        rx.looked_away = None;
         if tun_ready && drain_tun(s) >= HANDOVER_BATCH {
             hand_over(s);
         }
-        if pfds[0].revents == 0 {
-            continue;
+        if pfds[0].revents != 0 {
+            rx.receive(s, &s.udp);
         }
+        for (c, p) in conns.iter().zip(&pfds[3..]) {
+            if p.revents != 0 {
+                rx.receive(s, &c.sock);
+            }
+        }
+    }
+}
+
+/// The packet thread's receive side: buffers, and what it learned about
+/// the traffic (see [`Receiver::receive`]).
+struct Receiver {
+    bufs: RecvBufs,
+    plain: Vec<u8>,
+    delivered: Vec<(usize, usize)>,
+    ctrl: Vec<u8>,
+    ctrl_outs: Vec<Out>,
+    writer: TunWriter,
+    /// Whether the kernel answered the last packets written (see below).
+    answering: bool,
+    looked_away: Option<Instant>,
+    /// When the last receive was made (see the receive width below).
+    last_rx: Instant,
+}
+
+impl Receiver {
+    fn new(offload: bool) -> Receiver {
+        Receiver {
+            bufs: RecvBufs::default(),
+            // Plaintext is never longer than its ciphertext.
+            plain: vec![0u8; quinn_udp::BATCH_SIZE * 65_536 + MIN_BUFFER],
+            delivered: Vec::with_capacity(4096),
+            ctrl: vec![0u8; 64 * 2048],
+            ctrl_outs: Vec::with_capacity(64),
+            writer: TunWriter::new(offload),
+            answering: true,
+            looked_away: None,
+            last_rx: Instant::now(),
+        }
+    }
+
+    /// Receives from `sock` until it is empty (or, at a low rate, once),
+    /// decrypts, and writes to the TUN device.
+    fn receive(&mut self, s: &Shared, sock: &BatchSocket) {
+        let Receiver {
+            bufs,
+            plain,
+            delivered,
+            ctrl,
+            ctrl_outs,
+            writer,
+            ..
+        } = self;
         loop {
             let now = Instant::now();
             // At a low rate (nothing received for a while) one message is
             // what there is; under load, a whole batch.
-            let width = if now.duration_since(last_rx) > EAGER_GAP {
+            let width = if now.duration_since(self.last_rx) > EAGER_GAP {
                 1
             } else {
                 RECV_BATCH
             };
-            last_rx = now;
-            let received = match s.udp.recv(&mut bufs, width) {
+            self.last_rx = now;
+            let received = match sock.recv(bufs, width) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => {
@@ -735,28 +845,26 @@ fn packet_loop(s: &Shared) {
                 let mut tunnel = lock(&s.tunnel);
                 for (from, datagram) in bufs.datagrams() {
                     datagrams += 1;
-                    {
-                        match tunnel.handle_datagram(now, from, datagram, &mut plain[pcur..]) {
-                            Action::Deliver { offset, len } => {
-                                delivered.push((pcur + offset, len));
-                                pcur += offset + len;
-                            }
-                            Action::Send { to, offset, len } => {
-                                let bytes = &plain[pcur + offset..pcur + offset + len];
-                                push_ctrl(&mut ctrl, &mut ccur, &mut ctrl_outs, Some(to), bytes);
-                                flush_into(&mut tunnel, now, &mut ctrl, &mut ccur, &mut ctrl_outs);
-                            }
-                            Action::SendRelayTcp { offset, len } => {
-                                let bytes = &plain[pcur + offset..pcur + offset + len];
-                                push_ctrl(&mut ctrl, &mut ccur, &mut ctrl_outs, None, bytes);
-                                flush_into(&mut tunnel, now, &mut ctrl, &mut ccur, &mut ctrl_outs);
-                            }
-                            Action::Drop(reason) => {
-                                s.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                                tracing::trace!(%reason, "inbound datagram dropped");
-                            }
-                            Action::None => {}
+                    match tunnel.handle_datagram(now, from, datagram, &mut plain[pcur..]) {
+                        Action::Deliver { offset, len } => {
+                            delivered.push((pcur + offset, len));
+                            pcur += offset + len;
                         }
+                        Action::Send { to, offset, len } => {
+                            let bytes = &plain[pcur + offset..pcur + offset + len];
+                            push_ctrl(ctrl, &mut ccur, ctrl_outs, Some(to), bytes);
+                            flush_into(&mut tunnel, now, ctrl, &mut ccur, ctrl_outs);
+                        }
+                        Action::SendRelayTcp { offset, len } => {
+                            let bytes = &plain[pcur + offset..pcur + offset + len];
+                            push_ctrl(ctrl, &mut ccur, ctrl_outs, None, bytes);
+                            flush_into(&mut tunnel, now, ctrl, &mut ccur, ctrl_outs);
+                        }
+                        Action::Drop(reason) => {
+                            s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                            tracing::trace!(%reason, "inbound datagram dropped");
+                        }
+                        Action::None => {}
                     }
                 }
             }
@@ -768,12 +876,12 @@ fn packet_loop(s: &Shared) {
                 // coalesce, and no copy into the coalescing buffers.
                 write_tun(s, &plain[off..off + len]);
             } else {
-                for &(off, len) in &delivered {
+                for &(off, len) in delivered.iter() {
                     writer.push(s, &plain[off..off + len]);
                 }
                 writer.flush(s);
             }
-            send_all(s, &ctrl, &ctrl_outs);
+            send_all(s, ctrl, ctrl_outs);
             if !delivered.is_empty() && delivered.len() <= ANSWER_BATCH {
                 // The kernel often answers a packet while it is being
                 // written (an echo reply, a TCP ACK, a local service's
@@ -785,17 +893,17 @@ fn packet_loop(s: &Shared) {
                 // answers), the next poll shows an answer just as well,
                 // without a read that finds nothing.
                 let owns = s.tun_owner.load(Ordering::Acquire) == TUN_OWNER_PACKET;
-                if answering || !owns {
-                    if let Ok(mut rx) = s.tun_rx.try_lock() {
-                        let n = rx.drain(s);
-                        answering = n > 0;
+                if self.answering || !owns {
+                    if let Ok(mut tun_rx) = s.tun_rx.try_lock() {
+                        let n = tun_rx.drain(s);
+                        self.answering = n > 0;
                         if n >= HANDOVER_BATCH && owns {
-                            drop(rx);
+                            drop(tun_rx);
                             hand_over(s);
                         }
                     }
                 } else {
-                    looked_away = Some(Instant::now());
+                    self.looked_away = Some(Instant::now());
                 }
             }
             if received == 1 && datagrams == 1 {
@@ -898,22 +1006,67 @@ fn timer_loop(s: &Shared) {
     let mut out = vec![0u8; 2048];
     let mut buf = vec![0u8; 256 * 160];
     let mut outs: Vec<Out> = Vec::new();
+    let mut in_use: Vec<SocketAddr> = Vec::new();
     while !s.stop.load(Ordering::Relaxed) {
         std::thread::sleep(TIMER_TICK);
         outs.clear();
         let mut cursor = 0;
         {
+            let now = Instant::now();
             let mut tunnel = lock(&s.tunnel);
-            tunnel.poll_timers(Instant::now(), &mut out, |via, bytes| {
+            tunnel.poll_timers(now, &mut out, |via, bytes| {
                 let to = match via {
                     Via::Udp(a) => Some(a),
                     Via::RelayTcp => None,
                 };
                 push_ctrl(&mut buf, &mut cursor, &mut outs, to, bytes);
             });
+            if s.port_shared {
+                tunnel.direct_endpoints(now, MAX_CONNECTED, &mut in_use);
+            }
         }
         send_all(s, &buf, &outs);
+        if s.port_shared {
+            reconcile_connected(s, &in_use);
+        }
     }
+}
+
+fn read_conns(s: &Shared) -> RwLockReadGuard<'_, Vec<Arc<Conn>>> {
+    s.conns.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Keeps one socket connected to each of `in_use` (the direct endpoints of
+/// the peers in use), on the node's port. The kernel delivers a peer's
+/// datagrams to the socket connected to it, and keeps the route with it:
+/// neither side looks one up per datagram (a ping's round trip is some
+/// 7 µs shorter here). The packet thread polls these sockets like the
+/// node's own (it is woken to pick up a change); a socket that closes takes
+/// the datagrams still queued in it along, as when a path changes on a wire.
+fn reconcile_connected(s: &Shared, in_use: &[SocketAddr]) {
+    let current = read_conns(s).clone();
+    if current.len() == in_use.len() && current.iter().all(|c| in_use.contains(&c.to)) {
+        return;
+    }
+    let port = s.udp.local_addr().map(|a| a.port()).unwrap_or(0);
+    let mut next: Vec<Arc<Conn>> = Vec::with_capacity(in_use.len());
+    for &to in in_use {
+        if let Some(c) = current.iter().find(|c| c.to == to) {
+            next.push(c.clone());
+            continue;
+        }
+        match BatchSocket::connected(port, to) {
+            Ok(sock) => next.push(Arc::new(Conn { to, sock })),
+            Err(e) => tracing::debug!(error = %e, %to, "cannot connect a socket to the peer"),
+        }
+    }
+    if next.len() == current.len() && next.iter().zip(&current).all(|(a, b)| a.to == b.to) {
+        // The same sockets (another could not be made): nothing to pick up.
+        return;
+    }
+    *s.conns.write().unwrap_or_else(|e| e.into_inner()) = next;
+    s.conns_gen.fetch_add(1, Ordering::Release);
+    wake(&s.handback);
 }
 
 #[cfg(test)]

@@ -292,6 +292,29 @@ fn first_packet_triggers_handshake_then_arrives_intact() {
 }
 
 #[test]
+fn direct_endpoints_name_the_peers_in_use_until_they_fall_silent() {
+    let (mut a, mut b, now) = pair();
+    let mut eps = vec![SocketAddr::from(([198, 18, 9, 9], 1))];
+    a.tunnel.direct_endpoints(now, 16, &mut eps);
+    assert!(eps.is_empty(), "no peer has answered yet: {eps:?}");
+    let mut wire = vec![];
+    a.send_ip(
+        now,
+        &ip_packet("100.64.0.2", "100.64.0.3", b"hi"),
+        &mut wire,
+    );
+    run(now, &mut [&mut a, &mut b], &mut wire);
+    a.tunnel.direct_endpoints(now, 16, &mut eps);
+    assert_eq!(eps, vec![B_UL.parse::<SocketAddr>().unwrap()]);
+    a.tunnel.direct_endpoints(now, 0, &mut eps);
+    assert!(eps.is_empty(), "at most `max`");
+    // Silent for the activity window: no longer in use.
+    let later = now + ACTIVE_WINDOW + Duration::from_secs(1);
+    a.tunnel.direct_endpoints(later, 16, &mut eps);
+    assert!(eps.is_empty(), "a silent peer is dropped: {eps:?}");
+}
+
+#[test]
 fn a_restarted_node_handshakes_with_a_sender_of_old_sessions_at_once() {
     let (mut a, mut b, now) = pair();
     let mut wire = vec![];
