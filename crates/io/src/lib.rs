@@ -22,12 +22,12 @@
 //! a flow leave in order across hand-overs. At a low rate each read is sent
 //! at once and the device is looked at again afterwards.
 //!
-//! The peers in use (at most 16, the most recently heard)
-//! each get a UDP socket connected to their direct endpoint on the node's
-//! port (`SO_REUSEPORT`, as WireGuard's userspace implementations do): the
-//! kernel hands a peer's datagrams to its socket without an input route
-//! lookup, and a datagram sent on it without an address uses the route kept
-//! with the socket. The packet thread polls them all alike.
+//! The peers in use (at most 16, the most recently heard) each get a UDP
+//! socket connected to their direct endpoint on the node's port
+//! (`SO_REUSEPORT`, as WireGuard's userspace implementations do): the kernel
+//! hands a peer's datagrams to its socket without an input route lookup, and
+//! a datagram sent on it without an address uses the route kept with the
+//! socket. The packet thread polls them all alike.
 //!
 //! On Linux the TUN device is opened with offloads when the kernel allows it
 //! (`IFF_VNET_HDR` with TSO4/TSO6, and USO where supported): one read brings
