@@ -1044,10 +1044,13 @@ fn read_conns(s: &Shared) -> RwLockReadGuard<'_, Vec<Arc<Conn>>> {
 /// node's own (it is woken to pick up a change); a socket that closes takes
 /// the datagrams still queued in it along, as when a path changes on a wire.
 fn reconcile_connected(s: &Shared, in_use: &[SocketAddr]) {
-    let current = read_conns(s).clone();
-    if current.len() == in_use.len() && current.iter().all(|c| in_use.contains(&c.to)) {
-        return;
-    }
+    let current = {
+        let conns = read_conns(s);
+        if conns.len() == in_use.len() && conns.iter().all(|c| in_use.contains(&c.to)) {
+            return;
+        }
+        conns.clone()
+    };
     let port = s.udp.local_addr().map(|a| a.port()).unwrap_or(0);
     let mut next: Vec<Arc<Conn>> = Vec::with_capacity(in_use.len());
     for &to in in_use {
